@@ -1,0 +1,171 @@
+"""Everything BIDS: dataset checks, the T1w query (pybids), derivative names and metadata.
+
+One place for the naming of outputs, so the CLI, the workflows and the tests agree.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from pathlib import Path
+
+from bidsharmony import __version__
+from bidsharmony.errors import (
+    BIDSInvalidError,
+    MissingInputError,
+    NoFilesError,
+    OutputError,
+    UsageError,
+)
+
+LOG = logging.getLogger("bidsharmony")
+CODE_URL = "https://github.com/bidsharmony/bidsharmony"
+BIDS_VERSION = "1.10.0"
+# Entities carried from an input T1w into its derivative, in BIDS order.
+CARRIED_ENTITIES = ("subject", "session", "acquisition", "ceagent", "reconstruction", "run")
+_SHORT = {"subject": "sub", "session": "ses", "acquisition": "acq", "ceagent": "ce", "reconstruction": "rec", "run": "run"}
+_LABEL = re.compile(r"^[a-zA-Z0-9]+$")
+RAW_DATASET = "raw"  # name of the input dataset in DatasetLinks and BIDS URIs
+
+
+def clean_label(label: str, prefix: str) -> str:
+    """'sub-01' or '01' -> '01'; refuses anything that is not alphanumeric (paths, globs)."""
+    value = label[len(prefix) + 1 :] if label.startswith(prefix + "-") else label
+    if not _LABEL.match(value):
+        raise UsageError(f"invalid {prefix} label {label!r}: BIDS labels are letters and digits only")
+    return value
+
+
+def check_dataset(bids_dir: Path, skip_validation: bool) -> None:
+    """Fail early with the right exit code on a missing or invalid dataset root."""
+    if not bids_dir.exists():
+        raise MissingInputError(f"{bids_dir}: BIDS directory not found")
+    if not bids_dir.is_dir():
+        raise MissingInputError(f"{bids_dir}: not a directory")
+    desc = bids_dir / "dataset_description.json"
+    if not desc.is_file():
+        raise BIDSInvalidError(f"{desc}: missing (every BIDS dataset has one)")
+    if skip_validation:
+        return
+    try:
+        content = json.loads(desc.read_text() or "null")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BIDSInvalidError(f"{desc}: not valid JSON ({e})") from None
+    if not isinstance(content, dict) or not content.get("Name") or not content.get("BIDSVersion"):
+        raise BIDSInvalidError(f"{desc}: must be a JSON object with 'Name' and 'BIDSVersion'")
+
+
+def check_output_dir(bids_dir: Path, out_dir: Path) -> None:
+    bids_dir, out_dir = bids_dir.resolve(), out_dir.resolve()
+    if out_dir == bids_dir or bids_dir in out_dir.parents:
+        # The input dataset is never written: not even a derivatives/ folder inside it.
+        raise OutputError(f"{out_dir}: output directory is inside the BIDS directory {bids_dir}; choose a folder outside it")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"{out_dir}: cannot create output directory ({e.strerror})") from None
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        raise OutputError(f"{out_dir}: output directory is not writable")
+
+
+def load_filters(path: Path | None) -> dict:
+    """fMRIPrep's --bids-filter-file format; only the 't1w' query applies here."""
+    if path is None:
+        return {}
+    if not path.is_file():
+        raise MissingInputError(f"{path}: filter file not found")
+    try:
+        filters = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UsageError(f"{path}: filter file is not valid JSON ({e})") from None
+    if not isinstance(filters, dict) or not all(isinstance(v, dict) for v in filters.values()):
+        raise UsageError(f"{path}: filter file must map query names (e.g. 't1w') to entity filters")
+    unknown = set(filters) - {"t1w"}
+    if unknown:
+        LOG.warning("%s: ignoring queries %s (bidsharmony reads only 't1w')", path, sorted(unknown))
+    return filters.get("t1w", {})
+
+
+def collect_t1w(bids_dir: Path, participants=None, sessions=None, filters=None) -> list[dict]:
+    """T1w runs as dicts: {'path': str, 'entities': {...}, 'relpath': str}, sorted by path."""
+    from bids import BIDSLayout
+
+    try:
+        layout = BIDSLayout(str(bids_dir), validate=False)
+    except Exception as e:  # pybids raises several types for unreadable roots
+        raise BIDSInvalidError(f"{bids_dir}: pybids cannot index the dataset ({e})") from None
+    subjects = set(layout.get_subjects())
+    if participants:
+        missing = sorted(set(participants) - subjects)
+        if missing:
+            raise MissingInputError(f"{bids_dir}: participant(s) not found: {', '.join('sub-' + m for m in missing)}")
+    query = {"datatype": "anat", "extension": [".nii", ".nii.gz"]}
+    query.update(filters or {})
+    query.update(suffix="T1w", return_type="object")
+    if participants:
+        query["subject"] = list(participants)
+    if sessions:
+        query["session"] = list(sessions)
+    try:
+        files = layout.get(**query)
+    except (ValueError, TypeError, KeyError) as e:
+        raise UsageError(f"invalid BIDS filter ({e})") from None
+    runs = []
+    for f in sorted(files, key=lambda f: f.path):
+        ents = {k: f.entities[k] for k in CARRIED_ENTITIES if k in f.entities}
+        runs.append({"path": f.path, "entities": ents, "relpath": f.relpath})
+    if not runs:
+        what = []
+        if participants:
+            what.append("participants " + ", ".join(participants))
+        if sessions:
+            what.append("sessions " + ", ".join(sessions))
+        if filters:
+            what.append(f"filters {filters}")
+        raise NoFilesError(f"{bids_dir}: no T1w images found" + (" for " + "; ".join(what) if what else ""))
+    return runs
+
+
+def derivative_name(entities: dict, desc: str = "harmonized", suffix: str = "T1w", extension: str = ".nii.gz", res: str | None = None) -> str:
+    parts = [f"{_SHORT[k]}-{entities[k]}" for k in CARRIED_ENTITIES if entities.get(k) not in (None, "")]
+    if res:
+        parts.append(f"res-{res}")
+    parts.append(f"desc-{desc}")
+    return "_".join(parts) + f"_{suffix}{extension}"
+
+
+def derivative_path(out_dir: Path, entities: dict, **kwargs) -> Path:
+    folder = Path(out_dir) / f"sub-{entities['subject']}"
+    if entities.get("session"):
+        folder = folder / f"ses-{entities['session']}"
+    return folder / "anat" / derivative_name(entities, **kwargs)
+
+
+def bids_uri(relpath: str) -> str:
+    return f"bids:{RAW_DATASET}:{Path(relpath).as_posix()}"
+
+
+def write_dataset_description(out_dir: Path, bids_dir: Path) -> None:
+    """Create or update OUT_DIR/dataset_description.json (BIDS-Derivatives), atomically."""
+    from bidsharmony.outputs import atomic_write_text
+
+    path = Path(out_dir) / "dataset_description.json"
+    desc = {
+        "Name": "bidsharmony: flow-prior harmonized T1w",
+        "BIDSVersion": BIDS_VERSION,
+        "DatasetType": "derivative",
+        "GeneratedBy": [{"Name": "bidsharmony", "Version": __version__, "CodeURL": CODE_URL}],
+        "SourceDatasets": [{"URL": Path(bids_dir).resolve().as_uri()}],
+        "DatasetLinks": {RAW_DATASET: Path(bids_dir).resolve().as_uri()},
+        "License": "Derived data carry the licence of the input dataset and of the model's training data.",
+    }
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text())
+            if old.get("DatasetLinks", {}).get(RAW_DATASET) not in (None, desc["DatasetLinks"][RAW_DATASET]):
+                LOG.warning("%s: output directory previously received results from another dataset", path)
+        except (OSError, json.JSONDecodeError):
+            pass
+    atomic_write_text(path, json.dumps(desc, indent=2) + "\n")

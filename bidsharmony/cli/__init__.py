@@ -1,0 +1,1 @@
+"""The command line: parse, check, build, run, map errors to exit codes."""

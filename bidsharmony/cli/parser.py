@@ -1,0 +1,115 @@
+"""The BIDS-App parser (fMRIPrep/MRIQC conventions). Imports nothing heavy: --help is instant."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+from bidsharmony import __version__
+from bidsharmony.errors import EXIT_USAGE
+
+LEVELS = ("participant", "group", "train")
+PRESET_NAMES = ("paper", "fast", "tiny")  # mirrored from flow.model.PRESETS (tested)
+_MEM = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)\s*$", re.I)
+_MEM_SCALE = {"B": 1e-9, "K": 1e-6, "M": 1e-3, "G": 1.0, "T": 1e3}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # usage errors exit 64 (EX_USAGE), in one line
+        self.print_usage()
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def memory_gb(text: str) -> float:
+    """'8GB', '500MB', '1.5T' -> gigabytes. A unit is required: '8' is ambiguous."""
+    m = _MEM.match(text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"invalid memory {text!r}: give a unit, e.g. 8GB or 500MB")
+    return float(m.group(1)) * _MEM_SCALE[m.group(2)[0].upper()]
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _device(text: str) -> str:
+    if text in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", text):
+        return text
+    raise argparse.ArgumentTypeError(f"invalid device {text!r}: choose auto, cpu, cuda or cuda:N")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="bidsharmony",
+        description="Blind harmonization of T1w MRI with a normalizing-flow prior trained on one "
+        "target scanner (BlindHarmony), as a BIDS-App.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("bids_dir", type=Path, help="the root of the input BIDS dataset (never written)")
+    p.add_argument("output_dir", type=Path, help="the output folder: a BIDS-Derivatives dataset (participant, group) or a model folder (train)")
+    p.add_argument("analysis_level", help=f"processing stage: {', '.join(LEVELS)}")
+    p.add_argument("--version", action="version", version=f"bidsharmony {__version__}")
+
+    g = p.add_argument_group("selecting data")
+    g.add_argument("--participant-label", "--participant_label", nargs="+", metavar="LABEL", help="participants to process (with or without 'sub-'); default: all")
+    g.add_argument("--session-label", nargs="+", metavar="LABEL", help="sessions to process (with or without 'ses-'); default: all")
+    g.add_argument("--bids-filter-file", type=Path, metavar="FILE", help="JSON of pybids filters (fMRIPrep format); its 't1w' query narrows the T1w selection")
+    g.add_argument("--skip-bids-validation", action="store_true", help="skip checks of dataset_description.json")
+
+    g = p.add_argument_group("harmonization")
+    g.add_argument("--model", type=Path, metavar="DIR", help="model folder (model.safetensors + config.json); default: the bundled model")
+    g.add_argument("--iterations", type=_non_negative_int, default=10, help="solver iterations (N)")
+    g.add_argument("--alpha", type=_non_negative_float, default=1e-3, help="latent shrink per iteration (weight of |z|^2)")
+    g.add_argument("--beta-fidelity", type=_non_negative_float, default=1e3, help="weight of the similarity to the source")
+    g.add_argument("--beta-gradient", type=_non_negative_float, default=1e-3, help="weight of the masked edge term |M G x|_1")
+    g.add_argument("--similarity", choices=("cosine", "ncc"), default="cosine", help="cosine: uncentred (published code); ncc: mean-removed (poster)")
+    g.add_argument("--start", choices=("source", "mean"), default="source", help="x_0: the source slice, or the model's mean target slice at that position")
+    g.add_argument("--solver", choices=("alternating", "latent"), default="alternating", help="alternating image/latent steps (published), or Adam on z through f^-1")
+    g.add_argument("--latent-lr", type=_non_negative_float, default=0.05, help="Adam step of the latent solver")
+    g.add_argument("--batch-size", type=_positive_int, default=None, help="slices per flow pass (default: 8 on CPU, 64 on GPU; halves itself on out-of-memory)")
+    g.add_argument("--output-space", choices=("native", "harmonization"), default="native", help="native: the input's grid, affine and header; harmonization: the model's 1.2 mm RAS grid")
+
+    g = p.add_argument_group("training (analysis level 'train')")
+    g.add_argument("--preset", choices=PRESET_NAMES, default="fast", help="flow architecture")
+    g.add_argument("--steps", type=_positive_int, default=10000, help="optimisation steps")
+    g.add_argument("--train-batch-size", type=_positive_int, default=256, help="slices per training step")
+    g.add_argument("--learning-rate", type=_non_negative_float, default=5e-4, help="Adam learning rate (cosine-annealed to 0)")
+    g.add_argument("--validation-fraction", type=_non_negative_float, default=0.1, help="fraction of subjects held out for validation")
+    g.add_argument("--val-every", type=_positive_int, default=500, help="validate (and keep the best model) every N steps")
+    g.add_argument("--checkpoint-every", type=_positive_int, default=250, help="save the training state every N steps (resume point)")
+    g.add_argument("--augment", action="store_true", help="random left-right flips")
+    g.add_argument("--amp", action="store_true", help="bf16 mixed precision on CUDA")
+
+    g = p.add_argument_group("performance")
+    g.add_argument("--device", type=_device, default="auto", help="auto, cpu, cuda or cuda:N")
+    g.add_argument("--nprocs", "--nthreads", "--n-cpus", type=_positive_int, metavar="N", help="maximum processes/threads in total (default: all CPUs)")
+    g.add_argument("--omp-nthreads", type=_positive_int, metavar="N", help="threads per process (torch, ITK); default: min(8, nprocs)")
+    g.add_argument("--mem", type=memory_gb, metavar="SIZE", help="memory the run may use, with a unit (e.g. 8GB)")
+    g.add_argument("--use-plugin", type=Path, metavar="FILE", help="Nipype plugin YAML (plugin: SLURM, plugin_args: {...})")
+
+    g = p.add_argument_group("workflow")
+    g.add_argument("-w", "--work-dir", type=Path, metavar="DIR", help="Nipype work directory; a rerun reuses finished nodes (default: OUTPUT_DIR/.bidsharmony-work)")
+    g.add_argument("--random-seed", type=int, default=0, help="fixes every random choice (dequantisation noise, training)")
+    g.add_argument("--stop-on-first-crash", action="store_true", help="stop at the first failing node")
+    g.add_argument("--resource-monitor", action="store_true", help="record memory and CPU of each node (Nipype)")
+    g.add_argument("--write-graph", action="store_true", help="write the workflow graph (SVG/PNG via graphviz)")
+    g.add_argument("-v", "--verbose", action="count", default=0, help="more output; -vv for debug; tracebacks on errors")
+    return p

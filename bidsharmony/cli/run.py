@@ -1,0 +1,278 @@
+"""``bidsharmony`` entry point: validate, build the workflow, run it, map errors to exit codes."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from bidsharmony.errors import EXIT_FAILURE, EXIT_OK, BidsHarmonyError, ImageError, UnknownLevelError, UsageError
+
+LOG = logging.getLogger("bidsharmony")
+
+
+def _setup_logging(verbose: int, log_dir: Path | None = None) -> None:
+    level = logging.WARNING - 10 * min(verbose + 1, 2)  # default INFO, -v DEBUG
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s bidsharmony %(levelname)s: %(message)s", "%H:%M:%S"))
+    LOG.handlers[:] = [handler]
+    LOG.setLevel(level)
+    LOG.propagate = False
+    if log_dir is not None:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        fh = logging.FileHandler(log_dir / f"bidsharmony-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log")
+        fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s: %(message)s"))
+        LOG.addHandler(fh)
+
+
+def _nipype_config(opts, work_dir: Path, log_dir: Path) -> None:
+    """Configure Nipype here and in its workers: MultiProc's forkserver workers re-read the config
+    from NIPYPE_CONFIG_DIR rather than inheriting the parent's, so it is written to a file."""
+    import configparser
+
+    settings = {
+        "execution": {
+            "crashdump_dir": str(log_dir),
+            "crashfile_format": "txt",
+            "stop_on_first_crash": str(opts.stop_on_first_crash).lower(),
+            "remove_unnecessary_outputs": "false",
+            "poll_sleep_duration": "0.1",
+            "check_version": "false",
+            "hash_method": "content",
+        },
+        "monitoring": {"enabled": str(opts.resource_monitor).lower()},
+        "logging": {
+            "workflow_level": "INFO" if opts.verbose else "WARNING",
+            "interface_level": "INFO" if opts.verbose > 1 else "WARNING",
+            "utils_level": "WARNING",
+            "log_to_file": "false",
+        },
+    }
+    cfg_dir = work_dir / "nipype-config"
+    cfg_dir.mkdir(parents=True, exist_ok=True)
+    parser = configparser.ConfigParser()
+    parser.read_dict(settings)
+    with open(cfg_dir / "nipype.cfg", "w") as f:
+        parser.write(f)
+    os.environ["NIPYPE_CONFIG_DIR"] = str(cfg_dir)
+    os.environ.setdefault("NIPYPE_NO_ET", "1")  # no version check over the network
+
+    from nipype import config, logging as nlogging
+
+    config.update_config(settings)
+    nlogging.update_logging(config)
+
+
+def _plugin(opts, nprocs: int) -> tuple[str, dict]:
+    # forkserver: the parent has already used torch (model checks), and forking a process whose
+    # OpenMP pool is initialised deadlocks its children.
+    plugin_args = {"n_procs": nprocs, "raise_insufficient": False, "mp_context": "forkserver"}
+    if opts.mem:
+        plugin_args["memory_gb"] = opts.mem
+    if opts.use_plugin is None:
+        return ("MultiProc" if nprocs > 1 else "Linear"), plugin_args
+    import yaml
+
+    if not opts.use_plugin.is_file():
+        raise UsageError(f"{opts.use_plugin}: plugin file not found")
+    try:
+        spec = yaml.safe_load(opts.use_plugin.read_text()) or {}
+        plugin = spec["plugin"]
+    except (yaml.YAMLError, KeyError, TypeError) as e:
+        raise UsageError(f"{opts.use_plugin}: not a Nipype plugin YAML with a 'plugin' key ({e})") from None
+    args = dict(spec.get("plugin_args") or {})
+    if plugin == "MultiProc":
+        args = {**plugin_args, **args}
+    return plugin, args
+
+
+def _harmonize_params(opts, device: str) -> dict:
+    from bidsharmony.harmonize.solvers import HarmonizeParams
+
+    batch = opts.batch_size or (64 if device.startswith("cuda") or device == "auto" and _has_cuda() else 8)
+    return HarmonizeParams(
+        iterations=opts.iterations,
+        alpha=opts.alpha,
+        beta_fidelity=opts.beta_fidelity,
+        beta_gradient=opts.beta_gradient,
+        similarity=opts.similarity,
+        start=opts.start,
+        solver=opts.solver,
+        latent_lr=opts.latent_lr,
+        batch_size=batch,
+        seed=opts.random_seed,
+    ).to_dict()
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _select_runs(opts):
+    from bidsharmony import bids
+
+    participants = [bids.clean_label(x, "sub") for x in opts.participant_label or []]
+    sessions = [bids.clean_label(x, "ses") for x in opts.session_label or []]
+    filters = bids.load_filters(opts.bids_filter_file)
+    return bids.collect_t1w(opts.bids_dir, participants, sessions, filters)
+
+
+def _check_images(runs) -> None:
+    from bidsharmony.image.io import load_t1w
+
+    for run in runs:
+        load_t1w(run["path"])
+
+
+def _execute(wf, opts, nprocs: int, log_dir: Path):
+    plugin, plugin_args = _plugin(opts, nprocs)
+    if opts.write_graph:
+        try:
+            wf.write_graph(graph2use="colored", format="svg", simple_form=True)
+        except Exception as e:  # graphviz missing is not a reason to fail a run
+            LOG.warning("could not write the workflow graph: %s", e)
+    try:
+        return wf.run(plugin=plugin, plugin_args=plugin_args)
+    except RuntimeError as e:
+        crashes = sorted(log_dir.glob("crash-*"))
+        cause = _crash_cause(crashes[-1]) if crashes else str(e)
+        raise BidsHarmonyError(f"workflow failed: {cause} (crash files in {log_dir})") from e
+
+
+def _crash_cause(crash: Path) -> str:
+    """The last line of the traceback in a Nipype crash file: the actual error."""
+    lines = [ln.strip() for ln in crash.read_text(errors="replace").splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ("Error:" in ln or "Error(" in ln) and not ln.startswith("File ")]
+    return errors[-1] if errors else crash.name
+
+
+def run_participant(opts, nprocs: int, omp: int, work_dir: Path, log_dir: Path) -> int:
+    from bidsharmony.bids import write_dataset_description
+    from bidsharmony.device import resolve_device
+    from bidsharmony.flow.checkpoint import load_model
+    from bidsharmony.models import default_model
+    from bidsharmony.workflows.base import init_bidsharmony_wf
+
+    runs = _select_runs(opts)
+    _check_images(runs)
+    model = opts.model or default_model()
+    device = resolve_device(opts.device)
+    loaded = load_model(model, device="cpu")  # fails early on a bad model folder
+    params = _harmonize_params(opts, device)
+    LOG.info("%d T1w run(s); model %s (sha256 %s…); device %s", len(runs), loaded.name, loaded.sha256[:12], device)
+    write_dataset_description(opts.output_dir, opts.bids_dir)
+    wf = init_bidsharmony_wf(runs, opts.output_dir, model, params, device=device, output_space=opts.output_space, omp_nthreads=omp)
+    wf.base_dir = str(work_dir)
+    t0 = time.perf_counter()
+    _execute(wf, opts, nprocs, log_dir)
+    LOG.info("harmonized %d run(s) in %.1f s; outputs in %s", len(runs), time.perf_counter() - t0, opts.output_dir)
+    return EXIT_OK
+
+
+def run_train(opts, nprocs: int, omp: int, work_dir: Path, log_dir: Path) -> int:
+    import torch
+
+    from bidsharmony import __version__
+    from bidsharmony.device import resolve_device
+    from bidsharmony.flow.model import PRESETS
+    from bidsharmony.image.slices import POSITION_BINS
+    from bidsharmony.train import data as tdata
+    from bidsharmony.train.loop import TrainConfig, train_flow
+    from bidsharmony.workflows.train import collect_slices, init_train_prep_wf
+
+    runs = _select_runs(opts)
+    _check_images(runs)
+    device = resolve_device(opts.device)
+    torch.set_num_threads(omp)
+    grid = PRESETS[opts.preset].slice_shape
+    wf = init_train_prep_wf(runs, voxel_size=1.2, grid_shape=grid, omp_nthreads=1)
+    wf.base_dir = str(work_dir)
+    LOG.info("preprocessing %d T1w run(s) for training", len(runs))
+    graph = _execute(wf, opts, nprocs, log_dir)
+    slices = tdata.load_slice_set(collect_slices(graph, runs))
+    if len(slices) < 2:
+        raise BidsHarmonyError(f"{opts.bids_dir}: only {len(slices)} slice(s) with head found; cannot train")
+    train, val = tdata.split_by_subject(slices, opts.validation_fraction, opts.random_seed)
+    LOG.info("training on %d slices (%d subjects), validating on %d slices", len(train), len(set(train.subject)), len(val))
+    cfg = TrainConfig(
+        preset=opts.preset, steps=opts.steps, batch_size=opts.train_batch_size, learning_rate=opts.learning_rate,
+        val_every=opts.val_every, checkpoint_every=opts.checkpoint_every, augment=opts.augment, seed=opts.random_seed, amp=opts.amp,
+    )  # fmt: skip
+    meta = {
+        "name": opts.output_dir.resolve().name,
+        "preset": opts.preset,
+        "software_version": __version__,
+        "preprocessing": {
+            "voxel_size": 1.2,
+            "orientation": "RAS",
+            "slice_axis": "axial (inferior-superior)",
+            "slice_shape": list(grid),
+            "normalisation": "per-slice min-max to [0, 1] inside the grid",
+            "quantisation_bits": 12,
+            "position_bins": POSITION_BINS,
+        },
+        "training_data": {
+            "dataset": str(opts.bids_dir.resolve()),
+            "subjects_train": sorted(set(train.subject.tolist())),
+            "subjects_validation": sorted(set(val.subject.tolist())),
+            "slices_train": len(train),
+            "slices_validation": len(val),
+        },
+    }
+    extras = {"start_images": tdata.mean_start_images(train), "target_histogram": tdata.intensity_histogram(train)}
+    summary = train_flow(train, val, cfg, opts.output_dir, device=device, extras=extras, meta=meta, progress=sys.stderr.isatty() or opts.verbose > 0)
+    LOG.info("trained %d steps in %.0f s; best validation %.4f bits/dim; model in %s", summary["steps"], summary["seconds"], summary["best_val_bpd"], opts.output_dir)
+    return EXIT_OK
+
+
+def run_group(opts, *_args) -> int:
+    from bidsharmony.group import write_group_summary
+
+    path = write_group_summary(opts.output_dir)
+    LOG.info("group summary: %s", path)
+    return EXIT_OK
+
+
+LEVEL_RUNNERS = {"participant": run_participant, "train": run_train, "group": run_group}
+
+
+def main(argv=None) -> int:
+    from bidsharmony.cli.parser import build_parser
+
+    opts = build_parser().parse_args(argv)
+    _setup_logging(opts.verbose)
+    try:
+        if opts.analysis_level not in LEVEL_RUNNERS:
+            raise UnknownLevelError(f"unknown analysis level {opts.analysis_level!r}: choose participant, group or train")
+        opts.bids_dir = opts.bids_dir.absolute()
+        opts.output_dir = opts.output_dir.absolute()
+        from bidsharmony import bids
+
+        if opts.analysis_level != "group":
+            bids.check_dataset(opts.bids_dir, opts.skip_bids_validation)
+        bids.check_output_dir(opts.bids_dir, opts.output_dir)
+        log_dir = opts.output_dir / "logs"
+        _setup_logging(opts.verbose, log_dir)
+        work_dir = (opts.work_dir or opts.output_dir / ".bidsharmony-work").absolute()
+        nprocs = opts.nprocs or os.cpu_count() or 1
+        omp = min(opts.omp_nthreads or min(8, nprocs), nprocs)
+        if opts.analysis_level != "group":
+            _nipype_config(opts, work_dir, log_dir)
+        return LEVEL_RUNNERS[opts.analysis_level](opts, nprocs, omp, work_dir, log_dir)
+    except BidsHarmonyError as e:
+        if opts.verbose:
+            LOG.exception("error")
+        print(f"bidsharmony: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("bidsharmony: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except Exception as e:  # an unexpected failure: one line, traceback with -v
+        if opts.verbose:
+            LOG.exception("unexpected error")
+        print(f"bidsharmony: error: {type(e).__name__}: {e} (rerun with -v for the traceback)", file=sys.stderr)
+        return EXIT_FAILURE

@@ -1,0 +1,48 @@
+"""User-facing errors and the exit codes they map to (documented in README, "Exit codes")."""
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_BIDS_INVALID = 16
+EXIT_UNKNOWN_LEVEL = 17
+EXIT_NO_FILES = 18
+EXIT_USAGE = 64
+EXIT_NO_INPUT = 66
+EXIT_CANT_CREATE = 73
+
+
+class BidsHarmonyError(Exception):
+    """An error the user can act on: printed as one line, mapped to an exit code."""
+
+    exit_code = EXIT_FAILURE
+
+
+class UsageError(BidsHarmonyError):
+    exit_code = EXIT_USAGE
+
+
+class UnknownLevelError(BidsHarmonyError):
+    exit_code = EXIT_UNKNOWN_LEVEL
+
+
+class BIDSInvalidError(BidsHarmonyError):
+    exit_code = EXIT_BIDS_INVALID
+
+
+class NoFilesError(BidsHarmonyError):
+    exit_code = EXIT_NO_FILES
+
+
+class MissingInputError(BidsHarmonyError):
+    exit_code = EXIT_NO_INPUT
+
+
+class OutputError(BidsHarmonyError):
+    exit_code = EXIT_CANT_CREATE
+
+
+class ImageError(MissingInputError):
+    """An input image that cannot be read or used (corrupt, wrong dimensionality, no finite data)."""
+
+
+class ModelError(MissingInputError):
+    """A model folder that is missing, corrupt, unsafe or does not match its config."""

@@ -1,0 +1,1 @@
+"""Nipype interfaces: each wraps one core function, files in, files out."""

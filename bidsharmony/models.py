@@ -1,0 +1,26 @@
+"""Bundled models shipped inside the package (``bidsharmony/data/models/<name>/``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bidsharmony.errors import ModelError
+
+BUNDLED = Path(__file__).parent / "data" / "models"
+DEFAULT_MODEL = "ixi-hh-fast"
+
+
+def bundled_models() -> dict[str, Path]:
+    if not BUNDLED.is_dir():
+        return {}
+    return {p.name: p for p in sorted(BUNDLED.iterdir()) if (p / "config.json").is_file()}
+
+
+def default_model() -> Path:
+    models = bundled_models()
+    if DEFAULT_MODEL not in models:
+        raise ModelError(
+            f"{BUNDLED / DEFAULT_MODEL}: no bundled default model in this installation; "
+            "pass --model DIR (train one with: bidsharmony TARGET_BIDS MODEL_DIR train)"
+        )
+    return models[DEFAULT_MODEL]

@@ -1,0 +1,58 @@
+"""Atomic writes: outputs appear complete or not at all (write aside in the same folder, rename)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from bidsharmony.errors import OutputError
+
+
+def _tmp_for(path: Path) -> Path:
+    # A leading dot hides the partial file from pybids; the suffix keeps nibabel's gzip detection.
+    return path.with_name(f".{path.name}.{os.getpid()}.partial{''.join(path.suffixes[-2:])}")
+
+
+def _replace(tmp: Path, path: Path) -> None:
+    try:
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"{path}: cannot write ({e.strerror})") from None
+
+
+def _mkdir(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"{folder}: cannot create ({e.strerror})") from None
+
+
+def atomic_write_text(path, text: str) -> None:
+    path = Path(path)
+    _mkdir(path.parent)
+    tmp = _tmp_for(path)
+    try:
+        tmp.write_text(text)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"{path}: cannot write ({e.strerror})") from None
+    _replace(tmp, path)
+
+
+def atomic_write_json(path, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def atomic_copy(src, path) -> None:
+    path = Path(path)
+    _mkdir(path.parent)
+    tmp = _tmp_for(path)
+    try:
+        shutil.copyfile(src, tmp)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"{path}: cannot write ({e.strerror})") from None
+    _replace(tmp, path)

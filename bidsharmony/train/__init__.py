@@ -1,0 +1,1 @@
+"""Fitting the flow prior on target-domain slices."""

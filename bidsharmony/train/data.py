@@ -1,0 +1,91 @@
+"""Training slices from the preprocessing nodes' outputs, plus what harmonization needs from them."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from bidsharmony.image.slices import POSITION_BINS, SliceRecord
+
+LOG = logging.getLogger("bidsharmony")
+HISTOGRAM_BINS = 64
+
+
+@dataclass
+class SliceSet:
+    """12-bit codes of head slices (N, H, W) uint16, with each slice's subject and position bin."""
+
+    codes: np.ndarray
+    subject: np.ndarray
+    position_bin: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.codes)
+
+    def subset(self, mask: np.ndarray) -> "SliceSet":
+        return SliceSet(self.codes[mask], self.subject[mask], self.position_bin[mask])
+
+
+def load_slice_set(items) -> SliceSet:
+    """items: iterable of (subject, slices.npy, record.npz). Keeps the slices that hold head."""
+    from bidsharmony.flow.scaling import LEVELS
+
+    codes, subjects, bins = [], [], []
+    for subject, slices_path, record_path in items:
+        record = SliceRecord.load(record_path)
+        keep = np.flatnonzero(record.harmonize)
+        slices = np.load(slices_path, mmap_mode="r", allow_pickle=False)[keep]
+        codes.append(np.round(np.clip(slices, 0, 1) * (LEVELS - 1)).astype(np.uint16))
+        subjects += [subject] * len(keep)
+        bins.append(record.position_bin[keep])
+    if not codes:
+        return SliceSet(np.zeros((0, 1, 1), np.uint16), np.array([], str), np.array([], int))
+    return SliceSet(np.concatenate(codes), np.array(subjects), np.concatenate(bins))
+
+
+def split_by_subject(data: SliceSet, fraction: float, seed: int) -> tuple[SliceSet, SliceSet]:
+    """Validation subjects are drawn with the seed; with one subject, every 10th slice validates."""
+    subjects = np.unique(data.subject)
+    if len(subjects) < 2:
+        LOG.warning("one subject only: validating on every 10th slice of it (no subject-level split)")
+        val = np.zeros(len(data), bool)
+        val[::10] = True
+        return data.subset(~val), data.subset(val)
+    rng = np.random.default_rng(seed)
+    n_val = min(len(subjects) - 1, max(1, int(round(fraction * len(subjects)))))
+    val_subjects = rng.choice(subjects, size=n_val, replace=False)
+    val = np.isin(data.subject, val_subjects)
+    return data.subset(~val), data.subset(val)
+
+
+def mean_start_images(data: SliceSet) -> np.ndarray:
+    """Mean target slice per position bin (POSITION_BINS, H, W) in [0, 1]: the reference's x_0."""
+    from bidsharmony.flow.scaling import LEVELS
+
+    h, w = data.codes.shape[1:]
+    sums = np.zeros((POSITION_BINS, h, w), np.float64)
+    counts = np.bincount(data.position_bin, minlength=POSITION_BINS).astype(np.float64)
+    for b in range(POSITION_BINS):
+        sel = data.position_bin == b
+        if sel.any():
+            sums[b] = data.codes[sel].sum(axis=0, dtype=np.float64)
+    filled = counts > 0
+    means = np.zeros_like(sums)
+    means[filled] = sums[filled] / counts[filled, None, None] / (LEVELS - 1)
+    # Empty bins borrow the nearest filled one, so every position has a start image.
+    if filled.any():
+        nearest = np.flatnonzero(filled)
+        for b in np.flatnonzero(~filled):
+            means[b] = means[nearest[np.argmin(np.abs(nearest - b))]]
+    return means.astype(np.float32)
+
+
+def intensity_histogram(data: SliceSet) -> np.ndarray:
+    """Density of normalised head intensities (> 0.05) over HISTOGRAM_BINS bins of [0, 1]."""
+    from bidsharmony.flow.scaling import LEVELS
+
+    values = data.codes[data.codes > 0.05 * (LEVELS - 1)] / (LEVELS - 1)
+    hist, _ = np.histogram(values, bins=HISTOGRAM_BINS, range=(0.0, 1.0), density=True)
+    return hist.astype(np.float32)

@@ -1,0 +1,35 @@
+"""The participant-level workflow: one harmonization sub-workflow and one sink per T1w run."""
+
+from __future__ import annotations
+
+import re
+
+from nipype.pipeline import engine as pe
+
+from bidsharmony.interfaces.derivatives import DerivativesSink
+from bidsharmony.workflows.harmonize import init_harmonize_wf
+
+
+def run_name(entities: dict) -> str:
+    """A Nipype-safe, unique node name for a run: sub_01_ses_2_run_1."""
+    from bidsharmony.bids import derivative_name
+
+    stem = derivative_name(entities, desc="x").rsplit("_desc-", 1)[0]
+    return re.sub(r"[^a-zA-Z0-9]", "_", stem)
+
+
+def init_bidsharmony_wf(runs, out_dir, model, params=None, device="auto", output_space="native", omp_nthreads=1, name="bidsharmony_wf"):
+    """``runs``: dicts from ``bids.collect_t1w`` ({'path', 'entities', 'relpath'})."""
+    wf = pe.Workflow(name=name)
+    for run in runs:
+        label = run_name(run["entities"])
+        hwf = init_harmonize_wf(model, params, device=device, output_space=output_space, omp_nthreads=omp_nthreads, name=f"{label}_wf")
+        hwf.get_node("inputnode").inputs.t1w = run["path"]
+        sink = pe.Node(
+            DerivativesSink(out_dir=str(out_dir), entities=run["entities"], source_relpath=run["relpath"], output_space=output_space),
+            name=f"{label}_ds",
+            run_without_submitting=True,
+            mem_gb=0.2,
+        )
+        wf.connect([(hwf, sink, [("outputnode.harmonized", "in_file"), ("outputnode.info", "info")])])
+    return wf

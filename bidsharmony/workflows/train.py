@@ -1,0 +1,30 @@
+"""Preprocessing for training: the same resample and slice nodes as harmonization, per T1w run."""
+
+from __future__ import annotations
+
+from nipype.pipeline import engine as pe
+
+from bidsharmony.workflows.base import run_name
+from bidsharmony.workflows.harmonize import init_slices_wf
+
+
+def init_train_prep_wf(runs, voxel_size: float = 1.2, grid_shape=(144, 176), omp_nthreads: int = 1, name: str = "train_prep_wf"):
+    wf = pe.Workflow(name=name)
+    for run in runs:
+        swf = init_slices_wf(voxel_size, grid_shape, omp_nthreads, name=f"{run_name(run['entities'])}_wf")
+        swf.get_node("inputnode").inputs.t1w = run["path"]
+        wf.add_nodes([swf])
+    return wf
+
+
+def collect_slices(exec_graph, runs) -> list[tuple[str, str, str]]:
+    """(subject, slices.npy, record.npz) per run, from an executed ``init_train_prep_wf``."""
+    by_name = {}
+    for node in exec_graph.nodes():
+        if node.name == "slice":
+            by_name[node.fullname.split(".")[-2]] = node.result.outputs
+    out = []
+    for run in runs:
+        res = by_name[f"{run_name(run['entities'])}_wf"]
+        out.append((run["entities"]["subject"], res.slices, res.record))
+    return out

@@ -109,10 +109,11 @@ def _load_state(folder: Path, flow, opt, sched, gen):
     return meta["step"], meta["history"], meta["best_val_bpd"]
 
 
-def train_flow(train: SliceSet, val: SliceSet, cfg: TrainConfig, out_dir, device="cpu", extras=None, meta=None, progress=True) -> dict:
+def train_flow(train: SliceSet, val: SliceSet, cfg: TrainConfig, out_dir, device="cpu", extras=None, meta=None, progress=True, stop_at: int | None = None) -> dict:
     """Fit a flow of preset ``cfg.preset`` on ``train``; keeps the best-validation model in ``out_dir``.
 
-    Returns a summary dict (steps, best validation bits/dim, seconds).
+    ``stop_at`` ends this call early at that step, after a checkpoint (a job's time limit); calling
+    again with the same config resumes. Returns a summary (steps, best validation bits/dim, seconds).
     """
     import torch
 
@@ -152,7 +153,8 @@ def train_flow(train: SliceSet, val: SliceSet, cfg: TrainConfig, out_dir, device
     t0 = time.perf_counter()
     amp = cfg.amp and torch.device(device).type == "cuda"
     flow.train()
-    while step < cfg.steps:
+    last = min(cfg.steps, stop_at or cfg.steps)
+    while step < last:
         idx = torch.randint(len(train), (cfg.batch_size,), generator=gen).numpy()
         flip = torch.rand(cfg.batch_size, generator=gen) < 0.5 if cfg.augment else None
         x = _batch(train.codes, idx, gen, flip, device)
@@ -180,7 +182,7 @@ def train_flow(train: SliceSet, val: SliceSet, cfg: TrainConfig, out_dir, device
                 card_meta["training"] = {**card_meta.get("training", {}), **cfg.to_dict(), "best_step": step, "validation_bpd": round(best, 5), "device": str(device)}
                 card_meta["validation_bpd"] = round(best, 5)
                 save_model(out_dir, flow, card_meta, extras=extras)
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+        if step % cfg.checkpoint_every == 0 or step == last:
             _save_state(state_dir, flow, opt, sched, gen, step, history, best)
             data = json.loads(state_file.read_text())
             data["train_config"] = cfg.to_dict()
@@ -190,6 +192,6 @@ def train_flow(train: SliceSet, val: SliceSet, cfg: TrainConfig, out_dir, device
     seconds = time.perf_counter() - t0
     from bidsharmony.flow.checkpoint import load_model
 
-    best_model = load_model(out_dir, device=device)
-    save_figures(best_model.flow, history, out_dir, seed=cfg.seed)
+    if step == cfg.steps and (out_dir / "model.safetensors").is_file():
+        save_figures(load_model(out_dir, device=device).flow, history, out_dir, seed=cfg.seed)
     return {"steps": step, "best_val_bpd": best, "seconds": seconds, "history": history}

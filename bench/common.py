@@ -1,0 +1,160 @@
+"""Shared helpers of the benchmark scripts: arguments, timing, memory, machine info, result files."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+RSS_NOTE = "CPU peak memory is the process-wide peak RSS (ru_maxrss): a high-water mark that never goes down, so a row shows the maximum over everything measured up to and including it."
+
+
+def parser(doc: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=doc.strip().splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--quick", action="store_true", help="tiny sizes and few repeats: a smoke run (< 2 min on 2 CPU cores)")
+    p.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks", help="results directory")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--repeats", type=int, default=None, help="timed runs after one warm-up; the median is reported")
+    return p
+
+
+def int_list(s: str) -> list[int]:
+    return [int(v) for v in s.split(",") if v.strip()]
+
+
+def setup(args) -> torch.device:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: CUDA is not available")
+    dev = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
+    torch.manual_seed(0)
+    return torch.device(dev)
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_time(fn, repeats: int, device, warmup: bool = True) -> tuple[float, list[float]]:
+    """Median wall time of fn() in seconds over `repeats` runs, after one untimed warm-up run."""
+    if warmup:
+        fn()
+        sync(device)
+    times = []
+    for _ in range(max(repeats, 1)):
+        sync(device)
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), times
+
+
+def reset_peak(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_mib(device) -> float:
+    """CUDA: max_memory_allocated since reset_peak. CPU: peak RSS of the process (high-water mark)."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def mem_header(device) -> str:
+    return "peak CUDA alloc (MiB)" if torch.device(device).type == "cuda" else "peak RSS, process (MiB)¹"
+
+
+def machine_info(device) -> dict:
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+        "gpu": torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else None,
+        "load_average_1_5_15min": [round(v, 2) for v in os.getloadavg()],  # other work on the machine skews timings
+    }
+    return info
+
+
+def versions() -> dict:
+    import numpy
+    import scipy
+
+    import bidsharmony
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "bidsharmony": bidsharmony.__version__,
+        "numpy": numpy.__version__,
+        "scipy": scipy.__version__,
+    }
+
+
+def table(headers: list[str], rows: list[list]) -> str:
+    def cell(v):
+        if v is None:
+            return "–"
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_results(args, device, name: str, title: str, md_table: str, notes: list[str], results: dict) -> tuple[Path, Path]:
+    """Write <out>/<name>[-quick]-<cpu|cuda>.{json,md}; returns their paths."""
+    command = shlex.join(["python", *sys.argv])
+    stem = f"{name}{'-quick' if args.quick else ''}-{torch.device(device).type}"
+    args.out.mkdir(parents=True, exist_ok=True)
+    meta = {"command": command, "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "machine": machine_info(device), "versions": versions()}
+    js = args.out / f"{stem}.json"
+    js.write_text(json.dumps({**meta, "quick": args.quick, "results": results}, indent=2) + "\n")
+    m, v = meta["machine"], meta["versions"]
+    md = [
+        f"# {title}{' (--quick)' if args.quick else ''}",
+        "",
+        f"Command: `{command}`  ",
+        f"Date: {meta['date']}",
+        "",
+        f"Machine: {m['platform']}; CPU {m['cpu']}, {m['cpu_count']} cores ({m['cpu_affinity']} usable), "
+        f"{m['torch_threads']} torch threads; device {m['device']}" + (f" ({m['gpu']})" if m["gpu"] else "")
+        + f"; load average at the end {m['load_average_1_5_15min']}",
+        "",
+        "Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()),
+        "",
+        md_table,
+        "",
+        *[f"{n}  " for n in notes],
+        "",
+    ]
+    mdp = args.out / f"{stem}.md"
+    mdp.write_text("\n".join(md))
+    return js, mdp

@@ -1,0 +1,41 @@
+"""init_harmonize_wf embedded in another Nipype workflow, as fMRIPrep-style pipelines would."""
+
+import json
+
+import nibabel as nb
+import numpy as np
+from nipype.interfaces import utility as niu
+from nipype.pipeline import engine as pe
+
+from bidsharmony.workflows.harmonize import harmonize_mem_gb, init_harmonize_wf
+
+
+def _collect(harmonized, info, trace):
+    return harmonized, info, trace
+
+
+def test_harmonize_wf_embeds_and_runs(example_bids, tiny_model, tmp_path):
+    t1w = example_bids / "sub-01" / "ses-1" / "anat" / "sub-01_ses-1_T1w.nii.gz"
+    parent = pe.Workflow(name="parent", base_dir=str(tmp_path))
+    src = pe.Node(niu.IdentityInterface(fields=["anat"]), name="anat_source")
+    src.inputs.anat = str(t1w)
+    hwf = init_harmonize_wf(tiny_model, {"iterations": 2}, device="cpu")
+    collect = pe.Node(niu.Function(function=_collect, input_names=["harmonized", "info", "trace"], output_names=["harmonized", "info", "trace"]), name="collect")
+    parent.connect([
+        (src, hwf, [("anat", "inputnode.t1w")]),
+        (hwf, collect, [("outputnode.harmonized", "harmonized"), ("outputnode.info", "info"), ("outputnode.trace", "trace")]),
+    ])  # fmt: skip
+    graph = parent.run(plugin="Linear")
+    node = next(n for n in graph.nodes() if n.name == "collect")
+    out = node.result.outputs
+    img, ref = nb.load(out.harmonized), nb.load(t1w)
+    assert img.shape == ref.shape and np.allclose(img.affine, ref.affine)
+    assert out.info["Parameters"]["iterations"] == 2
+    assert len(json.loads(open(out.trace).read())["similarity"]) == 2
+
+
+def test_nodes_declare_resources(tiny_model):
+    wf = init_harmonize_wf(tiny_model, {"batch_size": 64}, omp_nthreads=4)
+    node = wf.get_node("harmonize")
+    assert node.n_procs == 4
+    assert node.mem_gb == harmonize_mem_gb(json.loads((tiny_model / "config.json").read_text()), 64) > 1.0

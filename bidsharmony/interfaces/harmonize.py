@@ -69,5 +69,7 @@ class Harmonize(SimpleInterface):
             "SlicesTotal": int(len(record.harmonize)),
             "FallbackSlices": int(sum(trace.fallbacks)),
             "HarmonizationSeconds": round(seconds, 3),
+            # Per-iteration means over slices: similarity to the source, masked edge term, |z|.
+            "ConvergenceTrace": {k: [round(v, 6) for v in vals] for k, vals in trace.to_dict().items()},
         }
         return runtime

@@ -220,3 +220,23 @@ def test_group_level_summarises_participant_outputs(participant_run):
     assert code == 0
     rows = (participant_run["out"] / "group.tsv").read_text().strip().splitlines()
     assert rows[0].split("\t")[:3] == ["file", "model", "model_sha256"] and len(rows) == 5
+
+
+def test_cuda_without_a_gpu_is_a_clear_error(capsys, example_bids, tmp_path, tiny_model):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    code, err = _run(capsys, example_bids, tmp_path / "o", "participant", "--model", tiny_model, "--device", "cuda")
+    assert code == 1 and "--device cuda: no CUDA GPU is available" in err
+
+
+def test_plugin_file(capsys, example_bids, tmp_path, tiny_model):
+    plugin = tmp_path / "plugin.yml"
+    plugin.write_text("plugin: Linear\nplugin_args: {}\n")
+    code, _ = _run(capsys, example_bids, tmp_path / "o", "participant", "--participant-label", "01", "--session-label", "1",
+                   "--model", tiny_model, "--use-plugin", plugin, "--iterations", "1", "-w", tmp_path / "w", "--device", "cpu")  # fmt: skip
+    assert code == 0 and (tmp_path / "o" / "sub-01" / "ses-1" / "anat" / "sub-01_ses-1_desc-harmonized_T1w.nii.gz").is_file()
+    plugin.write_text("plugins: [Linear]\n")
+    code, err = _run(capsys, example_bids, tmp_path / "o", "participant", "--model", tiny_model, "--use-plugin", plugin)
+    assert code == 64 and "not a Nipype plugin YAML" in err

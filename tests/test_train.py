@@ -73,3 +73,18 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(slices, tmp_path
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_mixed_precision_touches_only_the_conditioners(slices, tmp_path):
+    from bidsharmony.flow.checkpoint import load_model
+    from bidsharmony.flow.scaling import to_flow
+
+    train, val = split_by_subject(slices, 0.5, seed=0)
+    cfg = TrainConfig(preset="tiny", steps=4, batch_size=8, val_every=4, checkpoint_every=4, amp=True)
+    train_flow(train, val, cfg, tmp_path / "amp", progress=False)
+    flow = load_model(tmp_path / "amp").flow
+    x = to_flow(torch.from_numpy(val.codes[:4].astype(np.float32) / 4095)[:, None])
+    with torch.no_grad():
+        z, logdet = flow(x)
+        assert z.dtype == torch.float32 and torch.isfinite(logdet).all()
+        assert (flow.inverse(z) - x).abs().max() < 1e-4

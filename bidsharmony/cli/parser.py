@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--val-every", type=_positive_int, default=500, help="validate (and keep the best model) every N steps")
     g.add_argument("--checkpoint-every", type=_positive_int, default=250, help="save the training state every N steps (resume point)")
     g.add_argument("--augment", action="store_true", help="random left-right flips")
-    g.add_argument("--amp", action="store_true", help="bf16 mixed precision on CUDA")
+    g.add_argument("--amp", action="store_true", help="bf16 mixed precision in the coupling conditioners (for GPUs; the spline arithmetic stays float32)")
 
     g = p.add_argument_group("performance")
     g.add_argument("--device", type=_device, default="auto", help="auto, cpu, cuda or cuda:N")

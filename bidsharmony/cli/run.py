@@ -91,7 +91,8 @@ def _plugin(opts, nprocs: int) -> tuple[str, dict]:
 def _harmonize_params(opts, device: str) -> dict:
     from bidsharmony.harmonize.solvers import HarmonizeParams
 
-    batch = opts.batch_size or (64 if device.startswith("cuda") or device == "auto" and _has_cuda() else 8)
+    # Small batches are fastest on a CPU (cache); a GPU wants many slices per pass.
+    batch = opts.batch_size or (64 if device.startswith("cuda") else 8)
     return HarmonizeParams(
         iterations=opts.iterations,
         alpha=opts.alpha,
@@ -104,12 +105,6 @@ def _harmonize_params(opts, device: str) -> dict:
         batch_size=batch,
         seed=opts.random_seed,
     ).to_dict()
-
-
-def _has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def _select_runs(opts):

@@ -97,9 +97,19 @@ class SplineCoupling(nn.Module):
         self.params_per_dim = 3 * bins - 1  # K widths, K heights, K-1 interior derivatives
         self.conditioner = Conditioner(self.split, transformed * self.params_per_dim, hidden, blocks)
 
+    # Mixed precision touches only the conditioner (set by training with --amp): the spline, its
+    # inverse and log-derivative stay float32, so invertibility and log-likelihoods do not degrade.
+    amp_dtype: torch.dtype | None = None
+
     def _spline(self, xa: torch.Tensor) -> RQSpline:
         b, _, h, w = xa.shape
-        p = self.conditioner(xa).view(b, -1, self.params_per_dim, h, w).permute(0, 1, 3, 4, 2)
+        if self.amp_dtype is not None and self.training:
+            with torch.autocast(xa.device.type, dtype=self.amp_dtype):
+                p = self.conditioner(xa)
+            p = p.float()
+        else:
+            p = self.conditioner(xa)
+        p = p.view(b, -1, self.params_per_dim, h, w).permute(0, 1, 3, 4, 2)
         k = self.bins
         # Contiguous parameter tensors: softmax over a strided last axis is ~10x slower on CPU.
         widths, heights, derivs = (t.contiguous() for t in p.split([k, k, k - 1], dim=-1))

@@ -34,7 +34,7 @@ class TrainConfig:
     checkpoint_every: int = 250
     augment: bool = False  # random left-right flips
     seed: int = 0
-    amp: bool = False  # bf16 autocast for the conditioners, CUDA only
+    amp: bool = False  # bf16 autocast for the conditioners (the spline arithmetic stays float32)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -151,15 +151,19 @@ def train_flow(train: SliceSet, val: SliceSet, cfg: TrainConfig, out_dir, device
 
         bar = tqdm(total=cfg.steps, initial=step, unit="step", desc="training", dynamic_ncols=True)
     t0 = time.perf_counter()
-    amp = cfg.amp and torch.device(device).type == "cuda"
+    if cfg.amp:
+        from bidsharmony.flow.coupling import SplineCoupling
+
+        for m in flow.modules():
+            if isinstance(m, SplineCoupling):
+                m.amp_dtype = torch.bfloat16
     flow.train()
     last = min(cfg.steps, stop_at or cfg.steps)
     while step < last:
         idx = torch.randint(len(train), (cfg.batch_size,), generator=gen).numpy()
         flip = torch.rand(cfg.batch_size, generator=gen) < 0.5 if cfg.augment else None
         x = _batch(train.codes, idx, gen, flip, device)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-            loss = bits_per_dim(flow.log_prob(x), flow.num_dims).mean()
+        loss = bits_per_dim(flow.log_prob(x), flow.num_dims).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(flow.parameters(), cfg.grad_clip)

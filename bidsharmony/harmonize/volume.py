@@ -13,9 +13,10 @@ START_IMAGES = "start_images"  # extra tensor of a model folder: (POSITION_BINS,
 def check_grid(model, record: SliceRecord, source: str = "") -> None:
     from bidsharmony.errors import ModelError
 
-    expected = tuple(model.flow.cfg.slice_shape)
-    if tuple(record.grid_shape) != expected:
-        raise ModelError(f"{source or 'model'}: trained for {expected} slices, input cut to {tuple(record.grid_shape)}")
+    expected = tuple(int(v) for v in model.flow.cfg.slice_shape)
+    got = tuple(int(v) for v in record.grid_shape)
+    if got != expected:
+        raise ModelError(f"{source or 'model'}: trained for {expected} slices, input cut to {got}")
 
 
 def harmonize_volume(slices: np.ndarray, record: SliceRecord, model, params: HarmonizeParams, device="cpu", trace: Trace | None = None) -> np.ndarray:

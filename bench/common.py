@@ -33,7 +33,30 @@ def int_list(s: str) -> list[int]:
     return [int(v) for v in s.split(",") if v.strip()]
 
 
+def _cpu_jiffies() -> tuple[int, int]:
+    """(busy, total) CPU jiffies of the whole machine since boot, from /proc/stat."""
+    try:
+        v = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError):
+        return 0, 0
+    return v[0] + v[1] + v[2] + v[5] + v[6] + v[7], sum(v)
+
+
+_START = {}
+
+
+def other_cpu_share() -> float | None:
+    """Fraction of the machine's CPU time used by other processes since setup(): a noise indicator."""
+    busy, total = _cpu_jiffies()
+    if not total or not _START or total == _START["total"]:
+        return None
+    own = (sum(os.times()[:2]) - _START["own"]) * os.sysconf("SC_CLK_TCK")
+    return max(0.0, (busy - _START["busy"] - own) / (total - _START["total"]))
+
+
 def setup(args) -> torch.device:
+    busy, total = _cpu_jiffies()
+    _START.update(busy=busy, total=total, own=sum(os.times()[:2]))
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -129,15 +152,20 @@ def table(headers: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def write_results(args, device, name: str, title: str, md_table: str, notes: list[str], results: dict) -> tuple[Path, Path]:
-    """Write <out>/<name>[-quick]-<cpu|cuda>.{json,md}; returns their paths."""
+def write_results(args, device, name: str, title: str, md_table: str, notes: list[str], results: dict) -> None:
+    """Print the table and notes; write <out>/<name>[-quick]-<cpu|cuda>.{json,md}."""
     command = shlex.join(["python", *sys.argv])
+    m, v = machine_info(device), versions()
+    m["other_processes_cpu_share"] = other = other_cpu_share()
+    if other is not None:
+        notes = [*notes, f"Other processes used {100 * other:.0f}% of the machine's CPU time during this run"
+                 + (": the machine was busy, so these timings are unreliable; rerun on a quiet machine." if other > 0.1 else ".")]
+    print(md_table + "\n\n" + "\n".join(notes))
+    meta = {"command": command, "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "machine": m, "versions": v}
     stem = f"{name}{'-quick' if args.quick else ''}-{torch.device(device).type}"
     args.out.mkdir(parents=True, exist_ok=True)
-    meta = {"command": command, "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "machine": machine_info(device), "versions": versions()}
-    js = args.out / f"{stem}.json"
-    js.write_text(json.dumps({**meta, "quick": args.quick, "results": results}, indent=2) + "\n")
-    m, v = meta["machine"], meta["versions"]
+    js, mdp = args.out / f"{stem}.json", args.out / f"{stem}.md"
+    js.write_text(json.dumps({**meta, "quick": args.quick, "notes": notes, "results": results}, indent=2) + "\n")
     md = [
         f"# {title}{' (--quick)' if args.quick else ''}",
         "",
@@ -155,6 +183,5 @@ def write_results(args, device, name: str, title: str, md_table: str, notes: lis
         *[f"{n}  " for n in notes],
         "",
     ]
-    mdp = args.out / f"{stem}.md"
     mdp.write_text("\n".join(md))
-    return js, mdp
+    print(f"\nwrote {js} and {mdp}")

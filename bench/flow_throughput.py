@@ -106,11 +106,9 @@ def main() -> None:
     ]
     if not cuda:
         notes.append("¹ " + common.RSS_NOTE)
-    print(md + "\n\n" + "\n".join(notes))
     results = [{("pass" if k == "pass_" else k): v for k, v in r.items()} for r in rows]
-    js, mdp = common.write_results(args, device, "flow_throughput", "Flow throughput", md, notes,
-                                   {"shape": list(shape), "repeats": repeats, "rows": results})
-    print(f"\nwrote {js} and {mdp}")
+    common.write_results(args, device, "flow_throughput", "Flow throughput", md, notes,
+                         {"shape": list(shape), "repeats": repeats, "rows": results})
 
 
 if __name__ == "__main__":

@@ -175,13 +175,13 @@ def main() -> None:
         plain = next(x["s_per_volume"] for x in rows if x["preset"] == r["preset"] and x["loop"].startswith("plain"))
         r["slices_per_s"] = n / r["s_per_volume"]
         r["plain_over_this"] = plain / r["s_per_volume"]
-        timed = str(r["timed_slices"]) + ("" if r["timed_slices"] == n else "*")
+        timed = str(r["timed_slices"]) + ("" if r["timed_slices"] == n else "†")
         out.append([r["preset"], r["loop"], r["batch"], timed, r["s_per_volume"], r["slices_per_s"], r["plain_over_this"], r["peak_mib"]])
     md = common.table(headers, out)
     notes = [
         f"Volume: {n} slices of {shape[0]}x{shape[1]}, {source_desc}; {args.iterations} iterations, "
         f"alpha {params.alpha}, beta_fid {params.beta_fidelity}, beta_grad {params.beta_gradient}; median of {repeats} run(s) after one warm-up.",
-        f"* timed on that many slices and scaled linearly to {n} slices per volume.",
+        f"† timed on that many slices and scaled linearly to {n} slices per volume.",
         "plain / this: how many times faster this row is than the plain per-slice numpy/scipy loop of the same preset, in this run.",
         "Check, plain vs ours on the plain loop's slices with the same noise (12-bit codes): "
         + "; ".join(f"{k}: max |Δ| {c['max_abs_diff_codes']:.0f}, mean {c['mean_abs_diff_codes']:.3g}, "
@@ -190,11 +190,9 @@ def main() -> None:
     ]
     if not cuda:
         notes.append("¹ " + common.RSS_NOTE)
-    print(md + "\n\n" + "\n".join(notes))
-    js, mdp = common.write_results(args, device, "loop_speed", "Harmonization loop: seconds per volume", md, notes,
-                                   {"slices": n, "source": source_desc, "params": params.to_dict(), "repeats": repeats,
-                                    "rows": rows, "check_plain_vs_ours": checks})
-    print(f"\nwrote {js} and {mdp}")
+    common.write_results(args, device, "loop_speed", "Harmonization loop: seconds per volume", md, notes,
+                         {"slices": n, "source": source_desc, "params": params.to_dict(), "repeats": repeats,
+                          "rows": rows, "check_plain_vs_ours": checks})
 
 
 if __name__ == "__main__":

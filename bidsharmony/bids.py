@@ -45,10 +45,12 @@ def check_dataset(bids_dir: Path, skip_validation: bool) -> None:
     if not bids_dir.is_dir():
         raise MissingInputError(f"{bids_dir}: not a directory")
     desc = bids_dir / "dataset_description.json"
-    if not desc.is_file():
-        raise BIDSInvalidError(f"{desc}: missing (every BIDS dataset has one)")
     if skip_validation:
+        if not desc.is_file():
+            LOG.warning("%s: missing; continuing because of --skip-bids-validation", desc)
         return
+    if not desc.is_file():
+        raise BIDSInvalidError(f"{desc}: missing (every BIDS dataset has one; --skip-bids-validation to go on)")
     try:
         content = json.loads(desc.read_text() or "null")
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:

@@ -63,6 +63,19 @@ def test_missing_dataset_description(capsys, tmp_path):
     assert code == EXIT_BIDS_INVALID and "'Name' and 'BIDSVersion'" in err
 
 
+def test_skip_bids_validation_accepts_a_dataset_without_description(capsys, example_bids, tmp_path, tiny_model):
+    bids = tmp_path / "bids"
+    src = example_bids / "sub-01" / "ses-1" / "anat" / "sub-01_ses-1_T1w.nii.gz"
+    (bids / "sub-01" / "anat").mkdir(parents=True)
+    shutil.copyfile(src, bids / "sub-01" / "anat" / "sub-01_T1w.nii.gz")
+    args = [bids, tmp_path / "out", "participant", "--model", tiny_model, "--iterations", "1", "-w", tmp_path / "w", "--device", "cpu"]
+    code, err = _run(capsys, *args)
+    assert code == EXIT_BIDS_INVALID
+    code, err = _run(capsys, *args, "--skip-bids-validation")
+    assert code == 0 and "missing; continuing because of --skip-bids-validation" in err
+    assert (tmp_path / "out" / "sub-01" / "anat" / "sub-01_desc-harmonized_T1w.nii.gz").is_file()
+
+
 def test_output_inside_input(capsys, example_bids):
     code, err = _run(capsys, example_bids, example_bids / "derivatives" / "x", "participant")
     assert code == EXIT_CANT_CREATE and "inside the BIDS directory" in err

@@ -72,7 +72,7 @@ def evaluate_bpd(flow, codes: np.ndarray, device, batch_size: int = 64, seed: in
     return total / max(n, 1)
 
 
-def _save_state(folder: Path, flow, opt, sched, gen, step: int, history: dict, best: float) -> None:
+def _save_state(folder: Path, flow, opt, sched, gen, step: int, history: dict, best: float, cfg: TrainConfig) -> None:
     import torch
     from safetensors.torch import save_file
 
@@ -86,7 +86,14 @@ def _save_state(folder: Path, flow, opt, sched, gen, step: int, history: dict, b
     tmp = folder / "state.safetensors.tmp"
     save_file(tensors, str(tmp))
     os.replace(tmp, folder / "state.safetensors")
-    meta = {"step": step, "best_val_bpd": best, "history": history, "param_groups": opt_state["param_groups"], "scheduler": sched.state_dict()}
+    meta = {
+        "step": step,
+        "best_val_bpd": best,
+        "history": history,
+        "param_groups": opt_state["param_groups"],
+        "scheduler": sched.state_dict(),
+        "train_config": cfg.to_dict(),  # a resume with other options starts over
+    }
     (folder / "state.json.tmp").write_text(json.dumps(meta))
     os.replace(folder / "state.json.tmp", folder / "state.json")
 
@@ -187,10 +194,7 @@ def train_flow(train: SliceSet, val: SliceSet, cfg: TrainConfig, out_dir, device
                 card_meta["validation_bpd"] = round(best, 5)
                 save_model(out_dir, flow, card_meta, extras=extras)
         if step % cfg.checkpoint_every == 0 or step == last:
-            _save_state(state_dir, flow, opt, sched, gen, step, history, best)
-            data = json.loads(state_file.read_text())
-            data["train_config"] = cfg.to_dict()
-            state_file.write_text(json.dumps(data))
+            _save_state(state_dir, flow, opt, sched, gen, step, history, best, cfg)
     if bar is not None:
         bar.close()
     seconds = time.perf_counter() - t0

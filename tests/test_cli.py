@@ -43,7 +43,7 @@ def test_unknown_analysis_level(capsys, example_bids, tmp_path):
 
 
 @pytest.mark.parametrize("args", [["--mem", "8"], ["--device", "gpu"], ["--iterations", "-1"], ["--bogus"]])
-def test_usage_errors_exit_64(capsys, example_bids, tmp_path, args):
+def test_usage_errors_exit_64(example_bids, tmp_path, args):
     with pytest.raises(SystemExit) as e:
         main([str(example_bids), str(tmp_path / "out"), "participant", *args])
     assert e.value.code == EXIT_USAGE

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from bidsharmony.errors import EXIT_FAILURE, EXIT_OK, BidsHarmonyError, ImageError, UnknownLevelError, UsageError
+from bidsharmony.errors import EXIT_FAILURE, EXIT_OK, BidsHarmonyError, UnknownLevelError, UsageError
 
 LOG = logging.getLogger("bidsharmony")
 

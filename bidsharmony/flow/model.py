@@ -9,7 +9,7 @@ The latent ``z`` is returned flat, ``(B, H*W)``: the harmonization loop treats i
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn

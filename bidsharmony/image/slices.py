@@ -56,7 +56,7 @@ def head_mask(volume: np.ndarray) -> np.ndarray:
     return volume > lo + HEAD_THRESHOLD * (np.percentile(fg, 99.5) - lo)
 
 
-def _window(n_vol: int, n_grid: int, lo: int, hi: int) -> int:
+def _window(n_grid: int, lo: int, hi: int) -> int:
     """Start index (in volume coordinates) of a grid window of n_grid centred on [lo, hi)."""
     return int(round((lo + hi) / 2 - n_grid / 2))
 
@@ -84,7 +84,7 @@ def cut(volume: np.ndarray, grid_shape=(144, 176)) -> tuple[np.ndarray, SliceRec
     if not mask.any():
         mask = np.ones(volume.shape, bool)
     xs, ys, zs = (np.flatnonzero(mask.any(axis=a)) for a in [(1, 2), (0, 2), (0, 1)])
-    offset = np.array([_window(volume.shape[0], h, xs[0], xs[-1] + 1), _window(volume.shape[1], w, ys[0], ys[-1] + 1)])
+    offset = np.array([_window(h, xs[0], xs[-1] + 1), _window(w, ys[0], ys[-1] + 1)])
 
     background = float(volume.min())
     grid = np.full((h, w, volume.shape[2]), background, np.float32)

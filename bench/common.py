@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import shlex
 import statistics
@@ -14,6 +13,9 @@ import time
 from pathlib import Path
 
 import torch
+
+from bidsharmony.benchmark.machine import machine_info as _machine_info
+from bidsharmony.benchmark.machine import versions  # re-exported for the scripts
 
 REPO = Path(__file__).resolve().parent.parent
 RSS_NOTE = "CPU peak memory is the process-wide peak RSS (ru_maxrss): a high-water mark that never goes down, so a row shows the maximum over everything measured up to and including it."
@@ -103,40 +105,7 @@ def mem_header(device) -> str:
 
 
 def machine_info(device) -> dict:
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {
-        "platform": platform.platform(),
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "torch_threads": torch.get_num_threads(),
-        "device": str(device),
-        "gpu": torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else None,
-        "load_average_1_5_15min": [round(v, 2) for v in os.getloadavg()],  # other work on the machine skews timings
-    }
-    return info
-
-
-def versions() -> dict:
-    import numpy
-    import scipy
-
-    import bidsharmony
-
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "bidsharmony": bidsharmony.__version__,
-        "numpy": numpy.__version__,
-        "scipy": scipy.__version__,
-    }
+    return _machine_info(str(torch.device(device)))
 
 
 def table(headers: list[str], rows: list[list]) -> str:

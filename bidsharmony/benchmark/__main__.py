@@ -1,0 +1,3 @@
+from bidsharmony.benchmark.run import main
+
+raise SystemExit(main())

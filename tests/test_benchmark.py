@@ -1,0 +1,154 @@
+"""The benchmark's parts on cases with known answers, and its quick mode end to end on real data."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from bidsharmony.benchmark import scores
+from bidsharmony.benchmark.peers import make_peers
+from bidsharmony.benchmark.scanners import SCANNERS, simulate, smooth_field
+from tests.conftest import SHARED_DATA
+
+
+def phantom(seed: int = 0):
+    """A smooth three-tissue 'brain' (CSF 0.3, GM 0.6, WM 0.9) in a background of 0, RAS axes."""
+    rng = np.random.default_rng(seed)
+    x, y, z = np.meshgrid(*[np.linspace(-1, 1, n) for n in (40, 44, 36)], indexing="ij")
+    r = np.sqrt(x**2 + y**2 + z**2)
+    tissue = np.select([r < 0.35, r < 0.6, r < 0.8], [3, 2, 1], 0).astype(np.uint8)
+    v = np.choose(tissue, [0.0, 0.3, 0.6, 0.9]).astype(np.float32) + 0.01 * rng.standard_normal(r.shape).astype(np.float32)
+    return np.clip(v, 0, None), tissue > 0, tissue
+
+
+def test_psnr_known_values():
+    a = np.zeros((10, 10))
+    assert scores.psnr(a, a) == float("inf")
+    assert scores.psnr(a, a + 0.1) == pytest.approx(20.0)
+    assert scores.psnr(a, a + 0.01) == pytest.approx(40.0)
+
+
+def test_scores_of_identical_volumes_are_perfect_and_affine_invariant():
+    v, mask, _ = phantom()
+    s = scores.score_volume(3.0 * v + 100.0, v, mask)  # another unit system, same image
+    assert s["psnr_vol"] > 60 and s["psnr_slice"] > 60
+    assert s["ssim_vol"] == pytest.approx(1.0, abs=1e-6) and s["ssim_slice"] == pytest.approx(1.0, abs=1e-6)
+    assert s["ncc_vol"] == pytest.approx(1.0, abs=1e-6)
+    assert s["dice"] == 1.0 and s["jump_ratio"] == pytest.approx(1.0, abs=1e-4) and s["profile_rmse"] < 1e-5
+
+
+def test_a_known_shift_lowers_the_volume_psnr_by_the_expected_amount():
+    v, mask, _ = phantom()
+    scaled = scores.robust_scale(v, mask)
+    # A shift of 0.1 of the 1–99 % range on half the brain's voxels: MSE 0.005 → 23 dB.
+    shifted = scaled.copy()
+    idx = np.flatnonzero(mask.ravel())[::2]
+    shifted.ravel()[idx] += 0.1
+    assert scores.psnr(shifted[mask], scaled[mask]) == pytest.approx(10 * np.log10(1 / 0.005), abs=0.1)
+
+
+def test_dice_known_overlap():
+    a = np.zeros((4, 4), bool)
+    b = np.zeros((4, 4), bool)
+    a[:2] = True  # 8 voxels
+    b[1:3] = True  # 8 voxels, 4 shared
+    assert scores.dice(a, b) == pytest.approx(0.5)
+    assert scores.dice(a, a) == 1.0
+    assert scores.dice(a, ~a) == 0.0
+
+
+def test_kmeans_finds_three_separated_classes():
+    rng = np.random.default_rng(1)
+    x = np.concatenate([rng.normal(c, 0.02, 500) for c in (0.2, 0.5, 0.9)])
+    centres, labels = scores.kmeans1d(rng.permutation(x))
+    np.testing.assert_allclose(centres, [0.2, 0.5, 0.9], atol=0.01)
+    assert sorted(np.bincount(labels)) == [500, 500, 500]
+
+
+def test_tissue_dice_and_gm_wm_ratio_on_the_phantom():
+    v, mask, tissue = phantom()
+    np.testing.assert_array_equal(scores.segment(v, mask), tissue)
+    assert scores.gm_wm_ratio(v, mask) == pytest.approx((0.6 - 0.3) / (0.9 - 0.3), abs=0.03)  # robust-scaled: p1 ≈ CSF
+
+
+def test_slice_steps_are_seen_by_the_consistency_score():
+    v, mask, _ = phantom()
+    stepped = v * (1 + 0.2 * (np.arange(v.shape[2]) % 2))[None, None, :]  # every other axial slice 20 % brighter
+    s = scores.consistency_scores(stepped, v, mask)
+    assert s["jump_ratio"] > 2 and s["profile_rmse"] > 0.05
+
+
+def test_histogram_distance_is_zero_for_the_same_distribution_and_grows_with_change():
+    v, mask, _ = phantom()
+    ref = scores.brain_sample(v, mask, seed=1)
+    same = scores.histogram_distance(v, mask, ref)
+    changed = scores.histogram_distance(v**2, mask, ref)
+    assert same < 0.01 < changed
+
+
+def test_tissue_classes_group_labels_by_brightness():
+    v, mask, tissue = phantom()
+    labels = tissue.astype(np.int32) * 10 + (np.arange(v.shape[0])[:, None, None] > 20) * mask  # two labels per class
+    np.testing.assert_array_equal(scores.tissue_classes(v, labels), tissue)
+
+
+@pytest.mark.parametrize("name", list(SCANNERS))
+def test_every_scanner_is_seeded_finite_and_keeps_the_grid(name):
+    v, _, tissue = phantom()
+    a = simulate(name, v, tissue, (2.0, 2.0, 2.0), seed=3)
+    b = simulate(name, v, tissue, (2.0, 2.0, 2.0), seed=3)
+    assert a.shape == v.shape and a.dtype == np.float32 and np.isfinite(a).all()
+    np.testing.assert_array_equal(a, b)
+    if SCANNERS[name].kind == "monotone":  # a monotone map keeps the voxels' order
+        order = np.argsort(v.ravel(), kind="stable")
+        assert np.all(np.diff(a.ravel()[order]) >= -1e-4)
+
+
+def test_physical_scanners_do_what_they_say():
+    v, mask, tissue = phantom()
+    field = smooth_field(v.shape, np.random.default_rng(0), amplitude=1.4)
+    assert 1 / 1.4 - 1e-4 <= field.min() < 0.95 and 1.05 < field.max() <= 1.4 + 1e-4
+    contrast = simulate("contrast", v, tissue, (2, 2, 2), seed=0)
+    assert scores.gm_wm_ratio(contrast, mask) > scores.gm_wm_ratio(v, mask) + 0.1  # GM moved toward WM
+    noisy = simulate("noise", v, tissue, (2, 2, 2), seed=0)
+    assert scores.volume_scores(noisy, v, mask)["psnr_vol"] < 35
+    with pytest.raises(ValueError, match="unknown simulated scanner"):
+        simulate("nope", v, tissue, (2, 2, 2), seed=0)
+
+
+def test_histogram_matching_undoes_a_monotone_change_and_peers_run():
+    v, mask, tissue = phantom()
+    peers = {p.name: p for p in make_peers()}
+    hm = peers["histmatch"].fit([v], [mask])
+    source = simulate("gamma1p5", v, tissue, (2, 2, 2), seed=0)
+    assert scores.volume_scores(hm.apply(source, mask), v, mask)["psnr_vol"] > scores.volume_scores(source, v, mask)["psnr_vol"] + 5
+    nyul = peers["nyul"].fit([v, v * 2], [mask, mask])
+    for out in (nyul.apply(source, mask), peers["whitestripe"].apply(source, mask)):
+        assert out.shape == v.shape and np.isfinite(out).all()
+    z = peers["zscore"].apply(source, mask)
+    assert z[mask].mean() == pytest.approx(0, abs=1e-4) and z[mask].std() == pytest.approx(1, abs=1e-3)
+    np.testing.assert_array_equal(peers["none"].apply(source, mask), source)
+
+
+def test_quick_mode_runs_the_real_cli_end_to_end(tmp_path):
+    ixi = SHARED_DATA / "ixi-hh"
+    if not (ixi / "splits.json").is_file():
+        pytest.skip(f"real data not available at {ixi}")
+    from bidsharmony.benchmark.run import main
+
+    code = main(["--quick", "--data", str(ixi), "--subjects", "1", "--scanners", "gamma0p7", "--unseen", "none",
+                 "--train-subjects", "3", "--cli-args", "--iterations 2 --nprocs 2", "--work", str(tmp_path / "work"),
+                 "--out", str(tmp_path / "res")])  # fmt: skip
+    assert code == 0
+    md = (tmp_path / "res" / "quality-quick.md").read_text()
+    result = json.loads((tmp_path / "res" / "quality-quick.json").read_text())
+    assert "| **bidsharmony** |" in md and "sha256" in md
+    methods = {r["method"] for r in result["rows"]}
+    assert methods == {"none", "histmatch", "nyul", "zscore", "whitestripe", "bidsharmony"}
+    assert all(np.isfinite(r["psnr_vol"]) and 0 < r["ssim_slice"] <= 1 for r in result["rows"])
+    assert (tmp_path / "res" / "quality-quick-examples.png").stat().st_size > 1000
+    # The simulated source never replaces the truth: the input dataset is untouched, the source differs.
+    none = next(r for r in result["rows"] if r["method"] == "none")
+    assert none["psnr_vol"] < 40

@@ -9,6 +9,18 @@ EXIT_USAGE = 64
 EXIT_NO_INPUT = 66
 EXIT_CANT_CREATE = 73
 
+# The documented meaning of each exit code (README, Boutiques descriptor).
+EXIT_CODES = {
+    EXIT_OK: "success",
+    EXIT_FAILURE: "failure while running (a node crashed, no GPU for --device cuda, ...)",
+    EXIT_BIDS_INVALID: "BIDS validation failed (dataset_description.json missing or invalid)",
+    EXIT_UNKNOWN_LEVEL: "unknown analysis level",
+    EXIT_NO_FILES: "the selection (labels, sessions, filters) matched no T1w image",
+    EXIT_USAGE: "usage error (bad option or value, invalid label such as ../x, invalid filter file)",
+    EXIT_NO_INPUT: "missing or unreadable input (BIDS_DIR, participant, NIfTI, model folder)",
+    EXIT_CANT_CREATE: "cannot create output (OUT_DIR inside BIDS_DIR, not writable)",
+}
+
 
 class BidsHarmonyError(Exception):
     """An error the user can act on: printed as one line, mapped to an exit code."""

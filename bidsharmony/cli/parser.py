@@ -11,7 +11,7 @@ from bidsharmony.errors import EXIT_USAGE
 
 LEVELS = ("participant", "group", "train")
 PRESET_NAMES = ("paper", "fast", "tiny")  # mirrored from flow.model.PRESETS (tested)
-_MEM = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)\s*$", re.I)
+_MEM = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)\s*$", re.IGNORECASE)
 _MEM_SCALE = {"B": 1e-9, "K": 1e-6, "M": 1e-3, "G": 1.0, "T": 1e3}
 
 
@@ -56,6 +56,28 @@ def _device(text: str) -> str:
     raise argparse.ArgumentTypeError(f"invalid device {text!r}: choose auto, cpu, cuda or cuda:N")
 
 
+def _models_text() -> str:
+    from bidsharmony.models import describe_models
+
+    return "\n".join(describe_models())
+
+
+def _version_text() -> str:
+    return f"bidsharmony {__version__}\n" + "\n".join(f"model {line}" for line in _models_text().splitlines())
+
+
+class _PrintAndExit(argparse.Action):
+    """Like action='version', but unwrapped (sha256 lines must stay whole) and computed lazily."""
+
+    def __init__(self, option_strings, dest, text, **kwargs):
+        self.text = text
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(self.text())  # stdout, as argparse's version action
+        parser.exit(0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="bidsharmony",
@@ -66,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bids_dir", type=Path, help="the root of the input BIDS dataset (never written)")
     p.add_argument("output_dir", type=Path, help="the output folder: a BIDS-Derivatives dataset (participant, group) or a model folder (train)")
     p.add_argument("analysis_level", help=f"processing stage: {', '.join(LEVELS)}")
-    p.add_argument("--version", action="version", version=f"bidsharmony {__version__}")
+    p.add_argument("--version", action=_PrintAndExit, text=_version_text, help="show the version and the bundled models, and exit")
+    p.add_argument("--list-models", action=_PrintAndExit, text=_models_text, help="list the bundled models with their sha256 and exit")
 
     g = p.add_argument_group("selecting data")
     g.add_argument("--participant-label", "--participant_label", nargs="+", metavar="LABEL", help="participants to process (with or without 'sub-'); default: all")

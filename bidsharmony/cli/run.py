@@ -59,10 +59,36 @@ def _nipype_config(opts, work_dir: Path, log_dir: Path) -> None:
     os.environ["NIPYPE_CONFIG_DIR"] = str(cfg_dir)
     os.environ.setdefault("NIPYPE_NO_ET", "1")  # no version check over the network
 
-    from nipype import config, logging as nlogging
+    from nipype import config
+    from nipype import logging as nlogging
 
     config.update_config(settings)
     nlogging.update_logging(config)
+
+
+# How each batch scheduler is told a node's memory and cores (Nipype passes these per node).
+_REQUESTS = {
+    "SLURM": ("sbatch_args", "--mem={mem_mb}M --cpus-per-task={n_procs}"),
+    "SLURMGraph": ("sbatch_args", "--mem={mem_mb}M --cpus-per-task={n_procs}"),
+    "PBS": ("qsub_args", "-l mem={mem_mb}mb,nodes=1:ppn={n_procs}"),
+    "PBSGraph": ("qsub_args", "-l mem={mem_mb}mb,nodes=1:ppn={n_procs}"),
+    "LSF": ("bsub_args", "-M {mem_mb} -n {n_procs}"),
+}
+
+
+def _request_resources(wf, plugin: str, node_args: dict) -> None:
+    """Give each node its scheduler request from its declared mem_gb / n_procs, plus what the plugin
+    YAML's ``node_plugin_args`` adds by node name (e.g. a GPU partition for ``harmonize``)."""
+    key, template = _REQUESTS.get(plugin, (None, None))
+    for node in wf._get_all_nodes():
+        args = dict(node.plugin_args or {})
+        if key:
+            mem_mb = max(256, round(node.mem_gb * 1024))
+            args[key] = " ".join(filter(None, [template.format(mem_mb=mem_mb, n_procs=node.n_procs), args.get(key)]))
+        extra = dict(node_args.get(node.name) or {})
+        for k, v in extra.items():
+            args[k] = f"{args[k]} {v}" if k == key and k in args and isinstance(v, str) else v
+        node.plugin_args = args
 
 
 def _plugin(opts, nprocs: int) -> tuple[str, dict]:
@@ -83,6 +109,10 @@ def _plugin(opts, nprocs: int) -> tuple[str, dict]:
     except (yaml.YAMLError, KeyError, TypeError) as e:
         raise UsageError(f"{opts.use_plugin}: not a Nipype plugin YAML with a 'plugin' key ({e})") from None
     args = dict(spec.get("plugin_args") or {})
+    node_args = spec.get("node_plugin_args") or {}
+    if not isinstance(node_args, dict) or not all(isinstance(v, dict) for v in node_args.values()):
+        raise UsageError(f"{opts.use_plugin}: node_plugin_args must map node names to plugin_args")
+    args["node_plugin_args"] = node_args
     if plugin == "MultiProc":
         args = {**plugin_args, **args}
     return plugin, args
@@ -125,6 +155,9 @@ def _check_images(runs) -> None:
 
 def _execute(wf, opts, nprocs: int, log_dir: Path):
     plugin, plugin_args = _plugin(opts, nprocs)
+    _request_resources(wf, plugin, plugin_args.pop("node_plugin_args", {}))
+    # Nipype's batch plugins name jobs after $LOGNAME, which containers and CI often lack.
+    os.environ.setdefault("LOGNAME", os.environ.get("USER") or "bidsharmony")
     if opts.write_graph:
         try:
             wf.write_graph(graph2use="colored", format="svg", simple_form=True)

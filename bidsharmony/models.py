@@ -16,6 +16,21 @@ def bundled_models() -> dict[str, Path]:
     return {p.name: p for p in sorted(BUNDLED.iterdir()) if (p / "config.json").is_file()}
 
 
+def describe_models() -> list[str]:
+    """One line per bundled model: name, preset, weights sha256 (reads config.json only: no torch)."""
+    import json
+
+    lines = []
+    for name, folder in bundled_models().items():
+        try:
+            cfg = json.loads((folder / "config.json").read_text())
+        except (OSError, ValueError):
+            continue
+        default = " [default]" if name == DEFAULT_MODEL else ""
+        lines.append(f"{name}{default}: preset {cfg.get('preset')}, sha256 {cfg.get('weights_sha256')}, {folder}")
+    return lines or [f"no bundled models in {BUNDLED}"]
+
+
 def default_model() -> Path:
     models = bundled_models()
     if DEFAULT_MODEL not in models:

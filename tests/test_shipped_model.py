@@ -1,0 +1,96 @@
+"""The model shipped in the package: intact, documented, the default, and useful on a real head."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from bidsharmony.flow.checkpoint import WEIGHTS, load_model, sha256_file
+from bidsharmony.models import DEFAULT_MODEL, bundled_models, default_model
+
+
+def test_the_default_model_ships_with_a_card_whose_hash_matches_the_weights():
+    folder = default_model()
+    assert folder.name == DEFAULT_MODEL and DEFAULT_MODEL in bundled_models()
+    config = json.loads((folder / "config.json").read_text())
+    card = (folder / "MODEL_CARD.md").read_text()
+    actual = sha256_file(folder / WEIGHTS)
+    assert config["weights_sha256"] == actual
+    assert re.findall(r"[0-9a-f]{64}", card) == [actual]
+    assert "CC BY-SA 3.0" in card and "brain-development.org/ixi-dataset" in card and "CC BY-SA 3.0" in config["licence"]
+    assert "BENCHMARK-TABLE" not in card  # the benchmark's numbers were filled in
+    total = sum(p.stat().st_size for p in folder.iterdir())
+    assert total < 40e6
+
+
+def test_version_and_list_models_name_the_default_with_its_hash():
+    sha = json.loads((default_model() / "config.json").read_text())["weights_sha256"]
+    for flag in ("--version", "--list-models"):
+        out = subprocess.run([sys.executable, "-m", "bidsharmony", flag], capture_output=True, text=True, check=True).stdout
+        assert f"{DEFAULT_MODEL} [default]" in out and sha in out
+
+
+def test_the_shipped_model_harmonizes_a_real_head_towards_its_domain():
+    """nibabel's real head on a simulated scanner: the loop raises the prior's likelihood of the
+    slices while staying close to the source (similarity ≈ 1), deterministically."""
+    import torch
+
+    from bidsharmony.example import SCANNERS, simulate_scanner, source_head
+    from bidsharmony.flow.scaling import bits_per_dim, to_flow
+    from bidsharmony.harmonize.solvers import HarmonizeParams
+    from bidsharmony.harmonize.volume import check_grid, harmonize_volume
+    from bidsharmony.image.resample import canonical, resample_isotropic
+    from bidsharmony.image.slices import cut
+
+    model = load_model(default_model(), device="cpu")
+    data, affine = source_head()
+    source = simulate_scanner(data, *SCANNERS["B"], rng=np.random.default_rng(0))
+    vol, _ = resample_isotropic(*canonical(source, affine), 1.2)
+    slices, record = cut(vol)
+    check_grid(model, record)
+    params = HarmonizeParams(iterations=5).validate()
+    out = harmonize_volume(slices, record, model, params)
+    again = harmonize_volume(slices, record, model, params)
+    np.testing.assert_array_equal(out, again)
+    idx = np.flatnonzero(record.harmonize)
+    assert out.shape == slices.shape and np.isfinite(out).all()
+    np.testing.assert_array_equal(out[~record.harmonize], slices[~record.harmonize])
+
+    def bpd(x):
+        with torch.no_grad():
+            y = to_flow(torch.from_numpy(x)[:, None])  # bin centres: no dequantisation randomness
+            return float(bits_per_dim(model.flow.log_prob(y), y[0].numel()).mean())
+
+    before, after = bpd(slices[idx]), bpd(out[idx])
+    # The source start moves little (the README's probe table): the likelihood must rise, not leap.
+    assert after < before, (before, after)
+    a, b = out[idx].ravel(), slices[idx].ravel()
+    assert float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)) > 0.97
+    assert float(np.abs(out[idx] - slices[idx]).mean()) > 1e-3  # it did something
+
+
+@pytest.mark.slow
+def test_the_demo_runs_offline_with_the_default_model(tmp_path):
+    import nibabel as nb
+
+    proc = subprocess.run([sys.executable, "-m", "bidsharmony.demo", str(tmp_path)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "training a tiny" not in proc.stderr  # the shipped model, not the fallback
+    sha = json.loads((default_model() / "config.json").read_text())["weights_sha256"]
+    inputs = sorted((tmp_path / "bids").rglob("*_T1w.nii.gz"))
+    assert len(inputs) == 4
+    for src in inputs:
+        rel = src.relative_to(tmp_path / "bids")
+        out = tmp_path / "out" / rel.parent / src.name.replace("_T1w.nii.gz", "_desc-harmonized_T1w.nii.gz")
+        a, b = nb.load(str(src)), nb.load(str(out))
+        assert b.shape == a.shape and np.allclose(b.affine, a.affine)
+        assert np.isfinite(b.get_fdata()).all()
+        side = json.loads(out.with_name(out.name.replace(".nii.gz", ".json")).read_text())
+        assert side["Model"]["Sha256"] == sha and side["Model"]["Name"] == DEFAULT_MODEL
+        assert side["Parameters"]["iterations"] == 10 and side["FallbackSlices"] == 0
+    assert (tmp_path / "out" / "group.tsv").is_file()

@@ -64,14 +64,15 @@ def test_two_subjects_through_slurm_give_the_multiproc_outputs(participant_run, 
     _cluster_or_skip()
     plugin = tmp_path / "slurm.yml"
     plugin.write_text("plugin: SLURM\nplugin_args:\n  sbatch_args: --partition=debug\n  max_jobs: 8\n"
-                      "node_plugin_args:\n  harmonize:\n    sbatch_args: --comment=harmonize-on-gpu-partition\n")
+                      "node_plugin_args:\n  harmonize:\n    sbatch_args: --comment=harmonize_gpu_partition\n")
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "bidsharmony", str(participant_run["bids"]), str(out), "participant",
            "--model", str(tiny_model), "--use-plugin", str(plugin), "--omp-nthreads", "1", "--nprocs", "2",
            "-w", str(tmp_path / "work"), "--device", "cpu", "--participant-label", "01", "02"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert list((tmp_path / "work").rglob("slurm-*.out")), "no node ran as a SLURM job"
+    logs = list((tmp_path / "work").rglob("slurm-*.out"))
+    assert any("harmonize" in str(p) for p in logs), "the harmonize nodes did not run as SLURM jobs"
     reference = sorted(participant_run["out"].rglob("*_desc-harmonized_T1w.nii.gz"))
     assert len(reference) == 4
     for ref in reference:

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
+import tempfile
 from pathlib import Path
 
 from bidsharmony import __version__
@@ -68,8 +68,13 @@ def check_output_dir(bids_dir: Path, out_dir: Path) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise OutputError(f"{out_dir}: cannot create output directory ({e.strerror})") from None
-    if not os.access(out_dir, os.W_OK | os.X_OK):
-        raise OutputError(f"{out_dir}: output directory is not writable")
+    if not out_dir.is_dir():
+        raise OutputError(f"{out_dir}: exists and is not a directory")
+    try:  # a real write, not os.access: a read-only mount refuses even root
+        with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".bidsharmony-write-test-"):
+            pass
+    except OSError as e:
+        raise OutputError(f"{out_dir}: output directory is not writable ({e.strerror})") from None
 
 
 def load_filters(path: Path | None) -> dict:

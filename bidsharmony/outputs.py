@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
 from bidsharmony.errors import OutputError
+
+_PARTIAL = re.compile(r"^\..+\.(\d+)\.partial")
 
 
 def _tmp_for(path: Path) -> Path:
@@ -56,3 +59,25 @@ def atomic_copy(src, path) -> None:
         tmp.unlink(missing_ok=True)
         raise OutputError(f"{path}: cannot write ({e.strerror})") from None
     _replace(tmp, path)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_partials(out_dir) -> list[Path]:
+    """Delete partial files that a killed run left behind (SIGKILL skips every cleanup). A partial
+    file whose writer is still alive belongs to a concurrent run into the same folder: kept."""
+    removed = []
+    for p in Path(out_dir).rglob(".*.partial*"):
+        m = _PARTIAL.match(p.name)
+        if m and p.is_file() and not _alive(int(m.group(1))):
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed

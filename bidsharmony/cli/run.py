@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import re
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
-from bidsharmony.errors import EXIT_FAILURE, EXIT_OK, BidsHarmonyError, UnknownLevelError, UsageError
+from bidsharmony.errors import (
+    EXIT_CANT_CREATE,
+    EXIT_FAILURE,
+    EXIT_OK,
+    BidsHarmonyError,
+    OutputError,
+    UnknownLevelError,
+    UsageError,
+)
 
 LOG = logging.getLogger("bidsharmony")
 
@@ -168,7 +180,25 @@ def _execute(wf, opts, nprocs: int, log_dir: Path):
     except RuntimeError as e:
         crashes = sorted(log_dir.glob("crash-*"))
         cause = _crash_cause(crashes[-1]) if crashes else str(e)
+        if "OutputError: " in cause:  # a full disk, a lost mount: the output's own exit code
+            raise OutputError(cause.split("OutputError: ", 1)[1] + f" (crash files in {log_dir})") from e
+        if m := _FULL_IN_CRASH.search(cause):
+            raise OutputError(f"cannot write: {m.group(2)} (crash files in {log_dir})") from e
         raise BidsHarmonyError(f"workflow failed: {cause} (crash files in {log_dir})") from e
+
+
+# A full disk, a quota, a file-size limit or a read-only mount: the output's exit code, not a crash.
+_FULL_OR_READ_ONLY = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+_FULL_IN_CRASH = re.compile(rf"OSError: \[Errno ({'|'.join(str(n) for n in _FULL_OR_READ_ONLY)})\] (.*)")
+
+
+def _on_sigterm(signum, frame):
+    """SIGTERM (a scheduler's walltime, docker stop): say how to resume, then die of the signal.
+    Raising instead would be swallowed by whichever Nipype node is running. Nothing is lost:
+    outputs are renamed into place only when complete, and the next run removes stale partials."""
+    print("bidsharmony: terminated; rerun the same command to resume", file=sys.stderr, flush=True)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _crash_cause(crash: Path) -> str:
@@ -183,6 +213,7 @@ def run_participant(opts, nprocs: int, omp: int, work_dir: Path, log_dir: Path) 
     from bidsharmony.device import resolve_device
     from bidsharmony.flow.checkpoint import load_model
     from bidsharmony.models import default_model
+    from bidsharmony.outputs import remove_stale_partials
     from bidsharmony.workflows.base import init_bidsharmony_wf
 
     runs = _select_runs(opts)
@@ -193,6 +224,7 @@ def run_participant(opts, nprocs: int, omp: int, work_dir: Path, log_dir: Path) 
     params = _harmonize_params(opts, device)
     LOG.info("%d T1w run(s); model %s (sha256 %s…); device %s", len(runs), loaded.name, loaded.sha256[:12], device)
     write_dataset_description(opts.output_dir, opts.bids_dir)
+    remove_stale_partials(opts.output_dir)
     wf = init_bidsharmony_wf(runs, opts.output_dir, model, params, device=device, output_space=opts.output_space, omp_nthreads=omp)
     wf.base_dir = str(work_dir)
     t0 = time.perf_counter()
@@ -273,6 +305,16 @@ def main(argv=None) -> int:
 
     opts = build_parser().parse_args(argv)
     _setup_logging(opts.verbose)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main_thread else None
+    try:
+        return _main(opts)
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(opts) -> int:
     try:
         if opts.analysis_level not in LEVEL_RUNNERS:
             raise UnknownLevelError(f"unknown analysis level {opts.analysis_level!r}: choose participant, group or train")
@@ -299,6 +341,13 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("bidsharmony: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    except OSError as e:
+        if e.errno not in _FULL_OR_READ_ONLY:
+            raise
+        if opts.verbose:
+            LOG.exception("error")
+        print(f"bidsharmony: error: {e.filename2 or e.filename}: cannot write ({e.strerror})", file=sys.stderr)
+        return EXIT_CANT_CREATE
     except Exception as e:  # an unexpected failure: one line, traceback with -v
         if opts.verbose:
             LOG.exception("unexpected error")

@@ -95,8 +95,12 @@ def load_filters(path: Path | None) -> dict:
     return filters.get("t1w", {})
 
 
+# Sidecar fields that say which scanner (and site) a run comes from: the group level groups by them.
+SCANNER_FIELDS = ("Manufacturer", "ManufacturersModelName", "MagneticFieldStrength", "InstitutionName", "StationName")
+
+
 def collect_t1w(bids_dir: Path, participants=None, sessions=None, filters=None) -> list[dict]:
-    """T1w runs as dicts: {'path': str, 'entities': {...}, 'relpath': str}, sorted by path."""
+    """T1w runs as dicts: {'path', 'entities', 'relpath', 'scanner'}, sorted by path."""
     from bids import BIDSLayout
 
     try:
@@ -122,7 +126,9 @@ def collect_t1w(bids_dir: Path, participants=None, sessions=None, filters=None) 
     runs = []
     for f in sorted(files, key=lambda f: f.path):
         ents = {k: f.entities[k] for k in CARRIED_ENTITIES if k in f.entities}
-        runs.append({"path": f.path, "entities": ents, "relpath": f.relpath})
+        meta = layout.get_metadata(f.path)  # with BIDS inheritance
+        scanner = {k: meta[k] for k in SCANNER_FIELDS if k in meta}
+        runs.append({"path": f.path, "entities": ents, "relpath": f.relpath, "scanner": scanner})
     if not runs:
         what = []
         if participants:

@@ -1,39 +1,122 @@
-"""The group level: one TSV row per harmonized run, read from the sidecars in OUT_DIR."""
+"""The group level: one row per harmonized run, read from the sidecars in OUT_DIR, a per-scanner
+summary, plots, ``group.tsv`` and ``group.html``. Needs only OUT_DIR: it runs after any number of
+participant runs, including ones done on different machines."""
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 
+import numpy as np
+
 from bidsharmony.errors import NoFilesError
-from bidsharmony.outputs import atomic_write_text
+from bidsharmony.outputs import atomic_save, atomic_write_text
 
-COLUMNS = ("file", "model", "model_sha256", "device", "slices_harmonized", "fallback_slices", "seconds")
+COLUMNS = ("file", "scanner", "manufacturer", "model_name", "field_strength", "site", "model", "model_sha256", "device",
+           "slices_harmonized", "fallback_slices", "seconds", "similarity_to_input", "histogram_distance_before",
+           "histogram_distance_after", "slice_step_ratio")  # fmt: skip
+SUMMARY_METRICS = ("similarity_to_input", "histogram_distance_before", "histogram_distance_after", "slice_step_ratio", "seconds")
 
 
-def write_group_summary(out_dir) -> Path:
+def scanner_label(scanner: dict) -> str:
+    """'Siemens TrioTim 3T (site)' from a run's SourceScanner fields; 'unknown scanner' without."""
+    parts = [scanner.get("Manufacturer"), scanner.get("ManufacturersModelName")]
+    if scanner.get("MagneticFieldStrength") is not None:
+        parts.append(f"{scanner['MagneticFieldStrength']}T")
+    label = " ".join(str(p) for p in parts if p)
+    site = scanner.get("InstitutionName") or scanner.get("StationName")
+    if site:
+        label = f"{label} ({site})" if label else str(site)
+    return label or "unknown scanner"
+
+
+def collect_rows(out_dir) -> list[dict]:
     out_dir = Path(out_dir)
     rows = []
     for sidecar in sorted(out_dir.glob("sub-*/**/anat/*_desc-harmonized_T1w.json")):
         meta = json.loads(sidecar.read_text())
+        model, quality, scanner = meta.get("Model", {}), meta.get("Quality", {}), meta.get("SourceScanner", {})
         rows.append({
             "file": sidecar.relative_to(out_dir).as_posix().replace(".json", ".nii.gz"),
-            "model": meta.get("Model", {}).get("Name"),
-            "model_sha256": meta.get("Model", {}).get("Sha256"),
+            "scanner": scanner_label(scanner),
+            "manufacturer": scanner.get("Manufacturer"),
+            "model_name": scanner.get("ManufacturersModelName"),
+            "field_strength": scanner.get("MagneticFieldStrength"),
+            "site": scanner.get("InstitutionName") or scanner.get("StationName"),
+            "model": model.get("Name"),
+            "model_sha256": model.get("Sha256"),
             "device": meta.get("Device"),
             "slices_harmonized": meta.get("SlicesHarmonized"),
             "fallback_slices": meta.get("FallbackSlices"),
             "seconds": meta.get("HarmonizationSeconds"),
+            "similarity_to_input": quality.get("SimilarityToInput"),
+            "histogram_distance_before": quality.get("HistogramDistanceBefore"),
+            "histogram_distance_after": quality.get("HistogramDistanceAfter"),
+            "slice_step_ratio": quality.get("SliceStepRatio"),
         })  # fmt: skip
     if not rows:
         raise NoFilesError(f"{out_dir}: no harmonized outputs found; run the participant level first")
-    import io
+    return rows
 
+
+def summarise(rows: list[dict]) -> dict:
+    """{scanner label: {'runs': n, metric: mean over the group's runs}}."""
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(r["scanner"], []).append(r)
+    out = {}
+    for name, rs in sorted(groups.items()):
+        stats = {"runs": len(rs)}
+        for m in SUMMARY_METRICS:
+            vals = [r[m] for r in rs if r.get(m) is not None]
+            stats[m] = float(np.mean(vals)) if vals else None
+        out[name] = stats
+    return out
+
+
+def plot_group(out_dir: Path, rows: list[dict]) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scanners = sorted({r["scanner"] for r in rows})
+    colours = {s: plt.cm.tab10(i % 10) for i, s in enumerate(scanners)}
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    ax = axes[0]
+    for i, r in enumerate(rows):
+        if r["histogram_distance_before"] is not None:
+            ax.plot([0, 1], [r["histogram_distance_before"], r["histogram_distance_after"]], "-o", color=colours[r["scanner"]], ms=4)
+    ax.set_xticks([0, 1], ["input", "harmonized"])
+    ax.set_title("histogram distance to the target domain", fontsize=9)
+    for ax, key, title in ((axes[1], "slice_step_ratio", "slice-to-slice steps (× input)"),
+                           (axes[2], "similarity_to_input", "similarity to the input")):  # fmt: skip
+        vals = [r[key] if r[key] is not None else np.nan for r in rows]
+        ax.bar(range(len(rows)), vals, color=[colours[r["scanner"]] for r in rows])
+        ax.set_xticks(range(len(rows)), [r["file"].split("/")[-1].split("_desc-")[0] for r in rows], rotation=60, ha="right", fontsize=6)
+        ax.set_title(title, fontsize=9)
+    handles = [plt.Line2D([], [], color=colours[s], marker="o", ls="", label=s) for s in scanners]
+    fig.legend(handles=handles, loc="upper center", ncol=min(len(scanners), 4), frameon=False, fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1, 0.9))
+    path = out_dir / "figures" / "group_metrics.png"
+    atomic_save(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    plt.close(fig)
+    return [path]
+
+
+def write_group_summary(out_dir) -> Path:
+    """group.tsv and group.html in OUT_DIR; returns the TSV's path."""
+    from bidsharmony.reports.html import write_group_report
+
+    out_dir = Path(out_dir)
+    rows = collect_rows(out_dir)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=COLUMNS, delimiter="\t", lineterminator="\n")
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows([{k: ("n/a" if v is None else v) for k, v in r.items()} for r in rows])
     path = out_dir / "group.tsv"
     atomic_write_text(path, buf.getvalue())
+    write_group_report(out_dir, rows, summarise(rows), plot_group(out_dir, rows))
     return path

@@ -49,6 +49,22 @@ def atomic_write_json(path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 
+def atomic_save(path, write) -> None:
+    """``write(tmp_path)`` then rename into place (for writers such as matplotlib or nibabel)."""
+    path = Path(path)
+    _mkdir(path.parent)
+    tmp = _tmp_for(path)
+    try:
+        write(str(tmp))
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"{path}: cannot write ({e.strerror})") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _replace(tmp, path)
+
+
 def atomic_copy(src, path) -> None:
     path = Path(path)
     _mkdir(path.parent)

@@ -232,7 +232,8 @@ def test_group_level_summarises_participant_outputs(participant_run):
     code = main([str(participant_run["bids"]), str(participant_run["out"]), "group"])
     assert code == 0
     rows = (participant_run["out"] / "group.tsv").read_text().strip().splitlines()
-    assert rows[0].split("\t")[:3] == ["file", "model", "model_sha256"] and len(rows) == 5
+    header = rows[0].split("\t")
+    assert header[0] == "file" and {"model", "model_sha256", "scanner", "slice_step_ratio"} <= set(header) and len(rows) == 5
 
 
 def test_cuda_without_a_gpu_is_a_clear_error(capsys, example_bids, tmp_path, tiny_model):

@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import stats
 
-# Axial slices with less brain than this are left out of the slice-wise scores.
-MIN_BRAIN_FRACTION = 0.05
+from bidsharmony.metrics import mask_slices, robust_scale, slice_jumps, slice_profile
+
 
 
 def psnr(a: np.ndarray, b: np.ndarray, data_range: float = 1.0) -> float:
@@ -36,13 +36,8 @@ def minmax(a: np.ndarray) -> np.ndarray:
     return (a - lo) / max(hi - lo, 1e-12)
 
 
-def robust_scale(v: np.ndarray, mask: np.ndarray, lo: float = 1.0, hi: float = 99.0) -> np.ndarray:
-    p_lo, p_hi = np.percentile(v[mask], [lo, hi])
-    return ((v - p_lo) / max(float(p_hi - p_lo), 1e-12)).astype(np.float32)
-
-
 def brain_slices(mask: np.ndarray) -> np.ndarray:
-    return np.flatnonzero(mask.mean(axis=(0, 1)) >= MIN_BRAIN_FRACTION)
+    return mask_slices(mask)
 
 
 def slice_scores(out: np.ndarray, truth: np.ndarray, mask: np.ndarray) -> dict:
@@ -103,17 +98,6 @@ def tissue_dice(out: np.ndarray, truth: np.ndarray, mask: np.ndarray) -> dict:
     so, st = segment(out, mask), segment(truth, mask)
     per = {name: dice(so == i, st == i) for i, name in ((1, "csf"), (2, "gm"), (3, "wm"))}
     return {"dice": float(np.mean(list(per.values()))), **{f"dice_{k}": v for k, v in per.items()}}
-
-
-def slice_profile(v: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Mean brain intensity of each axial slice that holds brain, in robust-scaled units."""
-    s = robust_scale(v, mask)
-    return np.array([s[..., k][mask[..., k]].mean() for k in brain_slices(mask)])
-
-
-def slice_jumps(v: np.ndarray, mask: np.ndarray) -> float:
-    """Mean absolute step of the slice profile between neighbouring axial slices."""
-    return float(np.mean(np.abs(np.diff(slice_profile(v, mask)))))
 
 
 def consistency_scores(out: np.ndarray, truth: np.ndarray, mask: np.ndarray) -> dict:

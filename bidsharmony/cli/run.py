@@ -229,6 +229,10 @@ def run_participant(opts, nprocs: int, omp: int, work_dir: Path, log_dir: Path) 
     wf.base_dir = str(work_dir)
     t0 = time.perf_counter()
     _execute(wf, opts, nprocs, log_dir)
+    from bidsharmony.reports.html import write_participant_report
+
+    for subject in sorted({r["entities"]["subject"] for r in runs}):
+        LOG.info("report: %s", write_participant_report(opts.output_dir, subject))
     LOG.info("harmonized %d run(s) in %.1f s; outputs in %s", len(runs), time.perf_counter() - t0, opts.output_dir)
     return EXIT_OK
 

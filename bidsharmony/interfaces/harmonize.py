@@ -22,6 +22,7 @@ class _HarmonizeOutputSpec(TraitedSpec):
     slices = File(exists=True, desc="harmonized slices (.npy)")
     info = traits.Dict(desc="provenance for the sidecar")
     trace = File(exists=True, desc="per-iteration objective terms (.json)")
+    histograms = File(exists=True, desc="slice-intensity densities before/after and the model's target (.json)")
 
 
 class Harmonize(SimpleInterface):
@@ -54,6 +55,19 @@ class Harmonize(SimpleInterface):
         self._results["trace"] = os.path.join(runtime.cwd, "trace.json")
         with open(self._results["trace"], "w") as f:
             json.dump(trace.to_dict(), f)
+        from bidsharmony.metrics import cosine, histogram_distance, slice_histogram
+
+        idx = record.harmonize.astype(bool)
+        target = model.extras.get("target_histogram")
+        target = None if target is None else target.cpu().numpy()
+        hist = {"before": slice_histogram(slices[idx]), "after": slice_histogram(out[idx]), "target": target}
+        self._results["histograms"] = os.path.join(runtime.cwd, "histograms.json")
+        with open(self._results["histograms"], "w") as f:
+            json.dump({k: (None if v is None else [round(float(x), 5) for x in v]) for k, v in hist.items()}, f)
+        quality = {"SimilarityToInput": round(cosine(out[idx], slices[idx]), 5)}
+        if target is not None:  # Wasserstein-1 on normalised slice intensities, 0 = the target's distribution
+            quality["HistogramDistanceBefore"] = round(histogram_distance(hist["before"], target), 5)
+            quality["HistogramDistanceAfter"] = round(histogram_distance(hist["after"], target), 5)
         self._results["info"] = {
             "Model": {
                 "Name": model.name,
@@ -66,9 +80,10 @@ class Harmonize(SimpleInterface):
             "Device": device if not device.startswith("cuda") else f"{device} ({torch.cuda.get_device_name(device)})",
             "TorchVersion": torch.__version__,
             "SlicesHarmonized": int(record.harmonize.sum()),
-            "SlicesTotal": int(len(record.harmonize)),
+            "SlicesTotal": len(record.harmonize),
             "FallbackSlices": int(sum(trace.fallbacks)),
             "HarmonizationSeconds": round(seconds, 3),
+            "Quality": quality,
             # Per-iteration means over slices: similarity to the source, masked edge term, |z|.
             "ConvergenceTrace": {k: [round(v, 6) for v in vals] for k, vals in trace.to_dict().items()},
         }

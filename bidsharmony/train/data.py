@@ -10,7 +10,6 @@ import numpy as np
 from bidsharmony.image.slices import POSITION_BINS, SliceRecord
 
 LOG = logging.getLogger("bidsharmony")
-HISTOGRAM_BINS = 64
 
 
 @dataclass
@@ -83,9 +82,9 @@ def mean_start_images(data: SliceSet) -> np.ndarray:
 
 
 def intensity_histogram(data: SliceSet) -> np.ndarray:
-    """Density of normalised head intensities (> 0.05) over HISTOGRAM_BINS bins of [0, 1]."""
+    """The target histogram stored with a model (``metrics.slice_histogram`` of the training slices)."""
     from bidsharmony.flow.scaling import LEVELS
+    from bidsharmony.metrics import slice_histogram
 
-    values = data.codes[data.codes > 0.05 * (LEVELS - 1)] / (LEVELS - 1)
-    hist, _ = np.histogram(values, bins=HISTOGRAM_BINS, range=(0.0, 1.0), density=True)
-    return hist.astype(np.float32)
+    codes = data.codes  # filter before converting: the training codes are large
+    return slice_histogram(codes[codes > 0.05 * (LEVELS - 1)].astype(np.float32) / (LEVELS - 1))

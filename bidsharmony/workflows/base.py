@@ -7,6 +7,7 @@ import re
 from nipype.pipeline import engine as pe
 
 from bidsharmony.interfaces.derivatives import DerivativesSink
+from bidsharmony.interfaces.report import ReportFigures
 from bidsharmony.workflows.harmonize import init_harmonize_wf
 
 
@@ -25,11 +26,21 @@ def init_bidsharmony_wf(runs, out_dir, model, params=None, device="auto", output
         label = run_name(run["entities"])
         hwf = init_harmonize_wf(model, params, device=device, output_space=output_space, omp_nthreads=omp_nthreads, name=f"{label}_wf")
         hwf.get_node("inputnode").inputs.t1w = run["path"]
+        report = pe.Node(
+            ReportFigures(out_dir=str(out_dir), entities=run["entities"], scanner=run.get("scanner") or {}, source=run["path"]),
+            name=f"{label}_report",
+            mem_gb=1.0,
+        )
         sink = pe.Node(
             DerivativesSink(out_dir=str(out_dir), entities=run["entities"], source_relpath=run["relpath"], output_space=output_space),
             name=f"{label}_ds",
             run_without_submitting=True,
             mem_gb=0.2,
         )
-        wf.connect([(hwf, sink, [("outputnode.harmonized", "in_file"), ("outputnode.info", "info")])])
+        wf.connect([
+            (hwf, report, [("outputnode.harmonized", "harmonized"), ("outputnode.info", "info"),
+                           ("outputnode.histograms", "histograms"), ("outputnode.trace", "trace")]),
+            (hwf, sink, [("outputnode.harmonized", "in_file")]),
+            (report, sink, [("info", "info")]),
+        ])  # fmt: skip
     return wf

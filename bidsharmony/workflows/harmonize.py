@@ -70,7 +70,8 @@ def init_harmonize_wf(
     output_space : ``native`` (the input's grid, affine and header) or ``harmonization`` (1.2 mm RAS)
 
     Inputs: ``t1w``. Outputs: ``harmonized`` (NIfTI), ``info`` (dict for the sidecar),
-    ``trace`` (per-iteration objective terms, JSON).
+    ``trace`` (per-iteration objective terms, JSON), ``histograms`` (slice-intensity densities
+    before/after and the model's target, JSON).
     """
     from bidsharmony.flow.checkpoint import read_config
     from bidsharmony.harmonize.solvers import HarmonizeParams
@@ -80,7 +81,7 @@ def init_harmonize_wf(
     prep = config.get("preprocessing", {})
     wf = pe.Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(fields=["t1w"]), name="inputnode")
-    outputnode = pe.Node(niu.IdentityInterface(fields=["harmonized", "info", "trace"]), name="outputnode")
+    outputnode = pe.Node(niu.IdentityInterface(fields=["harmonized", "info", "trace", "histograms"]), name="outputnode")
     slices_wf = init_slices_wf(
         voxel_size=prep.get("voxel_size", 1.2),
         grid_shape=tuple(config["architecture"]["slice_shape"]),
@@ -100,6 +101,6 @@ def init_harmonize_wf(
         (slices_wf, reassemble, [("outputnode.record", "record"), ("outputnode.resampled", "resampled")]),
         (harmonize, reassemble, [("slices", "slices")]),
         (reassemble, outputnode, [("out_file", "harmonized")]),
-        (harmonize, outputnode, [("info", "info"), ("trace", "trace")]),
+        (harmonize, outputnode, [("info", "info"), ("trace", "trace"), ("histograms", "histograms")]),
     ])  # fmt: skip
     return wf

@@ -1,0 +1,64 @@
+"""Intensity measures shared by the reports and the benchmark (one definition of each)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+# Axial slices with less mask than this are left out of slice-wise measures.
+MIN_MASK_FRACTION = 0.05
+HISTOGRAM_BINS = 64  # of normalised [0, 1] slice intensities, as stored with a model
+
+
+def robust_scale(v: np.ndarray, mask: np.ndarray, lo: float = 1.0, hi: float = 99.0) -> np.ndarray:
+    """Map the mask's lo/hi percentiles to 0/1: comparisons free of intensity units."""
+    p_lo, p_hi = np.percentile(v[mask], [lo, hi])
+    return ((v - p_lo) / max(float(p_hi - p_lo), 1e-12)).astype(np.float32)
+
+
+def head_mask(v: np.ndarray) -> np.ndarray:
+    """Voxels above 10 % of the 99th percentile: the head, without background noise."""
+    return v > 0.1 * np.percentile(v, 99)
+
+
+def mask_slices(mask: np.ndarray) -> np.ndarray:
+    """Indices of the axial slices (last axis of a RAS array) that hold enough of the mask."""
+    return np.flatnonzero(mask.mean(axis=(0, 1)) >= MIN_MASK_FRACTION)
+
+
+def slice_profile(v: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Mean robust-scaled intensity inside the mask of each axial slice that holds the mask."""
+    s = robust_scale(v, mask)
+    return np.array([s[..., k][mask[..., k]].mean() for k in mask_slices(mask)])
+
+
+def slice_jumps(v: np.ndarray, mask: np.ndarray) -> float:
+    """Mean absolute step of the slice profile between neighbouring axial slices."""
+    return float(np.mean(np.abs(np.diff(slice_profile(v, mask)))))
+
+
+def slice_step_ratio(out: np.ndarray, reference: np.ndarray, mask: np.ndarray) -> float:
+    """The output's slice-to-slice steps relative to a reference's (1: as smooth; a 2D method
+    that treats slices inconsistently gives more)."""
+    return slice_jumps(out, mask) / max(slice_jumps(reference, mask), 1e-12)
+
+
+def slice_histogram(slices: np.ndarray) -> np.ndarray:
+    """Density of normalised head intensities (> 0.05) of [0, 1] slices over HISTOGRAM_BINS bins:
+    the definition of a model's target histogram."""
+    values = np.asarray(slices, np.float32)
+    values = values[values > 0.05]
+    hist, _ = np.histogram(values, bins=HISTOGRAM_BINS, range=(0.0, 1.0), density=True)
+    return hist.astype(np.float32)
+
+
+def histogram_distance(p: np.ndarray, q: np.ndarray) -> float:
+    """Wasserstein-1 distance between two densities on the same bins of [0, 1] (0: the same
+    distribution; the unit is the intensity range)."""
+    p, q = np.asarray(p, np.float64), np.asarray(q, np.float64)
+    p, q = p / max(p.sum(), 1e-12), q / max(q.sum(), 1e-12)
+    return float(np.abs(np.cumsum(p - q)).sum() / len(p))
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    return float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-12))

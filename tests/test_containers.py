@@ -24,12 +24,12 @@ def test_hadolint_passes():
 
 
 def test_dockerfile_has_what_a_bids_app_container_needs():
-    base = re.search(r"^FROM (\S+)", DOCKERFILE, re.M).group(1)
+    base = re.search(r"^FROM (\S+)", DOCKERFILE, re.MULTILINE).group(1)
     assert re.fullmatch(r"python:\d+\.\d+\.\d+-slim-\w+", base), f"base image not pinned: {base}"
     assert 'ENTRYPOINT ["bidsharmony"]' in DOCKERFILE  # exec form: signals reach bidsharmony
-    assert re.search(r"^ARG TORCH_INDEX=.*cu\d+", DOCKERFILE, re.M) and "whl/cpu" in DOCKERFILE  # CUDA default, CPU build arg
+    assert re.search(r"^ARG TORCH_INDEX=.*cu\d+", DOCKERFILE, re.MULTILINE) and "whl/cpu" in DOCKERFILE  # CUDA default, CPU build arg
     assert re.search(r'"torch==\$\{TORCH_VERSION\}"', DOCKERFILE) and "ARG TORCH_VERSION=2.13.0" in DOCKERFILE
-    user = re.findall(r"^USER (\S+)", DOCKERFILE, re.M)
+    user = re.findall(r"^USER (\S+)", DOCKERFILE, re.MULTILINE)
     assert user and user[-1].split(":")[0] not in ("0", "root")
     assert "ENV HOME=" in DOCKERFILE
     for var in ("OMP_NUM_THREADS", "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"):

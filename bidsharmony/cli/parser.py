@@ -98,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--skip-bids-validation", action="store_true", help="skip checks of dataset_description.json")
 
     g = p.add_argument_group("harmonization")
+    g.add_argument("--method", choices=("flow", "bhdiff"), default="flow", help="flow: 2D normalizing-flow prior (BlindHarmony); bhdiff: 3D rectified flow from edges (BlindHarmonyDiff; needs a bhdiff --model)")
     g.add_argument("--model", type=Path, metavar="DIR", help="model folder (model.safetensors + config.json); default: the bundled model")
     g.add_argument("--iterations", type=_non_negative_int, default=10, help="solver iterations (N)")
     g.add_argument("--alpha", type=_non_negative_float, default=1e-3, help="latent shrink per iteration (weight of |z|^2)")
@@ -108,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--solver", choices=("alternating", "latent"), default="alternating", help="alternating image/latent steps (published), or Adam on z through f^-1")
     g.add_argument("--latent-lr", type=_non_negative_float, default=0.05, help="Adam step of the latent solver")
     g.add_argument("--batch-size", type=_positive_int, default=None, help="slices per flow pass (default: 8 on CPU, 64 on GPU; halves itself on out-of-memory)")
+    g.add_argument("--ode-steps", type=_positive_int, default=15, help="bhdiff: midpoint ODE steps (2 network evaluations each)")
+    g.add_argument("--refine-steps", type=_non_negative_int, default=6, help="bhdiff: correlation-refinement steps")
+    g.add_argument("--refine-step", type=_non_negative_float, default=0.005, help="bhdiff: size of each refinement step ([-1, 1] intensity units)")
+    g.add_argument("--patch-size", type=_non_negative_int, default=0, help="bhdiff: sample in overlapping cubes of this size (0: the whole volume at once)")
     g.add_argument("--output-space", choices=("native", "harmonization"), default="native", help="native: the input's grid, affine and header; harmonization: the model's 1.2 mm RAS grid")
 
     g = p.add_argument_group("training (analysis level 'train')")
@@ -118,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--validation-fraction", type=_non_negative_float, default=0.1, help="fraction of subjects held out for validation")
     g.add_argument("--val-every", type=_positive_int, default=500, help="validate (and keep the best model) every N steps")
     g.add_argument("--checkpoint-every", type=_positive_int, default=250, help="save the training state every N steps (resume point)")
+    g.add_argument("--bhdiff-preset", choices=("tiny", "small", "paper"), default="small", help="bhdiff: 3D U-Net size (paper: 97.5 M parameters, for GPUs)")
+    g.add_argument("--train-patch", type=_positive_int, default=64, help="bhdiff: training patch edge (voxels)")
     g.add_argument("--augment", action="store_true", help="random left-right flips")
     g.add_argument("--amp", action="store_true", help="bf16 mixed precision in the coupling conditioners (for GPUs; the spline arithmetic stays float32)")
 

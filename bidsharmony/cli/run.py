@@ -218,14 +218,28 @@ def run_participant(opts, nprocs: int, omp: int, work_dir: Path, log_dir: Path) 
 
     runs = _select_runs(opts)
     _check_images(runs)
-    model = opts.model or default_model()
     device = resolve_device(opts.device)
-    loaded = load_model(model, device="cpu")  # fails early on a bad model folder
-    params = _harmonize_params(opts, device)
-    LOG.info("%d T1w run(s); model %s (sha256 %s…); device %s", len(runs), loaded.name, loaded.sha256[:12], device)
+    if opts.method == "bhdiff":
+        from bidsharmony.bhdiff.train import load_bhdiff_model
+        from bidsharmony.bhdiff.volume import BHDiffParams
+
+        if opts.model is None:
+            raise UsageError("--method bhdiff needs --model DIR: no bhdiff model ships (train one with --method bhdiff train)")
+        model = opts.model
+        _, cfg = load_bhdiff_model(model)  # fails early on a bad model folder
+        name, sha = cfg.get("name"), cfg["weights_sha256"]
+        params = BHDiffParams(ode_steps=opts.ode_steps, refine_steps=opts.refine_steps, refine_step=opts.refine_step,
+                              patch=opts.patch_size, seed=opts.random_seed).validate().to_dict()  # fmt: skip
+    else:
+        model = opts.model or default_model()
+        loaded = load_model(model, device="cpu")  # fails early on a bad model folder
+        name, sha = loaded.name, loaded.sha256
+        params = _harmonize_params(opts, device)
+    LOG.info("%d T1w run(s); %s model %s (sha256 %s…); device %s", len(runs), opts.method, name, sha[:12], device)
     write_dataset_description(opts.output_dir, opts.bids_dir)
     remove_stale_partials(opts.output_dir)
-    wf = init_bidsharmony_wf(runs, opts.output_dir, model, params, device=device, output_space=opts.output_space, omp_nthreads=omp)
+    wf = init_bidsharmony_wf(runs, opts.output_dir, model, params, device=device, output_space=opts.output_space,
+                             omp_nthreads=omp, method=opts.method)
     wf.base_dir = str(work_dir)
     t0 = time.perf_counter()
     _execute(wf, opts, nprocs, log_dir)
@@ -252,6 +266,8 @@ def run_train(opts, nprocs: int, omp: int, work_dir: Path, log_dir: Path) -> int
     _check_images(runs)
     device = resolve_device(opts.device)
     torch.set_num_threads(omp)
+    if opts.method == "bhdiff":
+        return _train_bhdiff(opts, runs, device, nprocs, work_dir, log_dir)
     grid = PRESETS[opts.preset].slice_shape
     wf = init_train_prep_wf(runs, voxel_size=1.2, grid_shape=grid, omp_nthreads=1)
     wf.base_dir = str(work_dir)
@@ -290,6 +306,43 @@ def run_train(opts, nprocs: int, omp: int, work_dir: Path, log_dir: Path) -> int
     extras = {"start_images": tdata.mean_start_images(train), "target_histogram": tdata.intensity_histogram(train)}
     summary = train_flow(train, val, cfg, opts.output_dir, device=device, extras=extras, meta=meta, progress=sys.stderr.isatty() or opts.verbose > 0)
     LOG.info("trained %d steps in %.0f s; best validation %.4f bits/dim; model in %s", summary["steps"], summary["seconds"], summary["best_val_bpd"], opts.output_dir)
+    return EXIT_OK
+
+
+def _train_bhdiff(opts, runs, device: str, nprocs: int, work_dir: Path, log_dir: Path) -> int:
+    """--method bhdiff train: the resample node per run, then flow matching on the volumes."""
+    from dataclasses import asdict
+
+    import nibabel as nb
+    import numpy as np
+
+    from bidsharmony import __version__
+    from bidsharmony.bhdiff.train import BHDiffTrainConfig, prepare_volume, save_bhdiff_model, train_bhdiff
+    from bidsharmony.image.slices import cut
+    from bidsharmony.metrics import slice_histogram
+    from bidsharmony.workflows.train import init_train_prep_wf
+
+    wf = init_train_prep_wf(runs, voxel_size=1.2, omp_nthreads=1)
+    wf.base_dir = str(work_dir)
+    LOG.info("preprocessing %d T1w run(s) for bhdiff training", len(runs))
+    graph = _execute(wf, opts, nprocs, log_dir)
+    files = sorted(n.result.outputs.out_file for n in graph.nodes() if n.name == "resample")
+    volumes = [np.asanyarray(nb.load(f).dataobj, dtype=np.float32) for f in files]
+    LOG.info("edges and normalisation of %d volume(s)", len(volumes))
+    prepared = [prepare_volume(v) for v in volumes]
+    hist = slice_histogram(np.concatenate([s[r.harmonize.astype(bool)] for s, r in (cut(v) for v in volumes)]))
+    cfg = BHDiffTrainConfig(preset=opts.bhdiff_preset, steps=opts.steps, batch_size=opts.train_batch_size,
+                            learning_rate=opts.learning_rate, patch=opts.train_patch,
+                            checkpoint_every=opts.checkpoint_every, seed=opts.random_seed, amp=opts.amp)  # fmt: skip
+    result = train_bhdiff(prepared, cfg, opts.output_dir, device=device, progress=opts.verbose > 0)
+    meta = {"name": opts.output_dir.resolve().name, "preset": opts.bhdiff_preset, "software_version": __version__,
+            "method": "bhdiff", "target_histogram": [round(float(x), 5) for x in hist],
+            "training": {**asdict(cfg), "device": device, "final_loss_mean_last_50": float(np.mean(result["losses"][-50:]))},
+            "training_data": {"dataset": str(opts.bids_dir.resolve()), "volumes": len(volumes)},
+            "preprocessing": {"voxel_size": 1.2, "orientation": "RAS", "intensity": "head 0.5/99.5 % to [-1, 1], clipped",
+                              "edges": "3D Canny on the rank-transformed head (bidsharmony.bhdiff.edges)"}}  # fmt: skip
+    save_bhdiff_model(opts.output_dir, result["ema"], meta)
+    LOG.info("trained %d steps in %.0f s; model in %s", result["steps"], result["seconds"], opts.output_dir)
     return EXIT_OK
 
 

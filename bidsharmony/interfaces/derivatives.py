@@ -33,7 +33,9 @@ class DerivativesSink(SimpleInterface):
         out = derivative_path(self.inputs.out_dir, self.inputs.entities, res=None if native else "1p2")
         sidecar = out.with_name(out.name.replace(".nii.gz", ".json"))
         meta = {
-            "Description": "T1w harmonized to the model's target domain with a normalizing-flow prior (BlindHarmony)",
+            "Description": "T1w harmonized to the model's target domain with a 3D rectified flow from edges (BlindHarmonyDiff)"
+            if str((self.inputs.info or {}).get("Method", "")).startswith("bhdiff")
+            else "T1w harmonized to the model's target domain with a normalizing-flow prior (BlindHarmony)",
             "Sources": [bids_uri(self.inputs.source_relpath)],
             "OutputSpace": "native grid of the source" if native else "RAS, isotropic, the model's voxel size",
             "SoftwareName": "bidsharmony",

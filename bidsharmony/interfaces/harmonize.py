@@ -69,6 +69,7 @@ class Harmonize(SimpleInterface):
             quality["HistogramDistanceBefore"] = round(histogram_distance(hist["before"], target), 5)
             quality["HistogramDistanceAfter"] = round(histogram_distance(hist["after"], target), 5)
         self._results["info"] = {
+            "Method": "flow (2D normalizing-flow prior, BlindHarmony)",
             "Model": {
                 "Name": model.name,
                 "Sha256": model.sha256,

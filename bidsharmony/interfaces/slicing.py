@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from nipype.interfaces.base import BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec, traits
+from nipype.interfaces.base import BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec, isdefined, traits
 
 
 class _SliceInputSpec(BaseInterfaceInputSpec):
@@ -37,9 +37,10 @@ class SliceVolume(SimpleInterface):
 
 
 class _ReassembleInputSpec(BaseInterfaceInputSpec):
-    slices = File(exists=True, mandatory=True, desc="harmonized slices (.npy)")
-    record = File(exists=True, mandatory=True)
-    resampled = File(exists=True, mandatory=True, desc="the volume the slices were cut from")
+    slices = File(exists=True, xor=["volume"], requires=["record"], desc="harmonized slices (.npy)")
+    record = File(exists=True, desc="how the slices were cut (.npz)")
+    volume = File(exists=True, xor=["slices"], desc="or: a harmonized volume on the resampled grid (3D methods)")
+    resampled = File(exists=True, mandatory=True, desc="the volume the harmonization started from")
     in_file = File(exists=True, mandatory=True, desc="the original T1w (native grid, header)")
     output_space = traits.Enum("native", "harmonization", usedefault=True)
 
@@ -69,7 +70,10 @@ class Reassemble(SimpleInterface):
 
         res_img = nb.load(self.inputs.resampled)
         resampled = np.asanyarray(res_img.dataobj, dtype=np.float32)
-        harmonized = assemble(np.load(self.inputs.slices, allow_pickle=False), SliceRecord.load(self.inputs.record), resampled)
+        if isdefined(self.inputs.volume):
+            harmonized = np.asanyarray(nb.load(self.inputs.volume).dataobj, dtype=np.float32)
+        else:
+            harmonized = assemble(np.load(self.inputs.slices, allow_pickle=False), SliceRecord.load(self.inputs.record), resampled)
         out = os.path.join(runtime.cwd, "harmonized.nii.gz")
         if self.inputs.output_space == "harmonization":
             img = nb.Nifti1Image(harmonized, res_img.affine)

@@ -19,12 +19,16 @@ def run_name(entities: dict) -> str:
     return re.sub(r"[^a-zA-Z0-9]", "_", stem)
 
 
-def init_bidsharmony_wf(runs, out_dir, model, params=None, device="auto", output_space="native", omp_nthreads=1, name="bidsharmony_wf"):
-    """``runs``: dicts from ``bids.collect_t1w`` ({'path', 'entities', 'relpath'})."""
+def init_bidsharmony_wf(runs, out_dir, model, params=None, device="auto", output_space="native", omp_nthreads=1,
+                        method="flow", name="bidsharmony_wf"):
+    """``runs``: dicts from ``bids.collect_t1w``; ``method``: flow (2D, BlindHarmony) or bhdiff (3D)."""
+    from bidsharmony.workflows.bhdiff import init_bhdiff_wf
+
+    factory = {"flow": init_harmonize_wf, "bhdiff": init_bhdiff_wf}[method]
     wf = pe.Workflow(name=name)
     for run in runs:
         label = run_name(run["entities"])
-        hwf = init_harmonize_wf(model, params, device=device, output_space=output_space, omp_nthreads=omp_nthreads, name=f"{label}_wf")
+        hwf = factory(model, params, device=device, output_space=output_space, omp_nthreads=omp_nthreads, name=f"{label}_wf")
         hwf.get_node("inputnode").inputs.t1w = run["path"]
         report = pe.Node(
             ReportFigures(out_dir=str(out_dir), entities=run["entities"], scanner=run.get("scanner") or {}, source=run["path"]),

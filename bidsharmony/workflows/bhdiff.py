@@ -1,0 +1,50 @@
+"""The embeddable BlindHarmonyDiff workflow: the same inputs and outputs as ``init_harmonize_wf``."""
+
+from __future__ import annotations
+
+from nipype.interfaces import utility as niu
+from nipype.pipeline import engine as pe
+
+from bidsharmony.interfaces.bhdiff import BHDiffHarmonize
+from bidsharmony.interfaces.resample import ResampleToHarmonizationSpace
+from bidsharmony.interfaces.slicing import Reassemble
+
+
+def bhdiff_mem_gb(shape=(150, 180, 150), base: int = 32) -> float:
+    """A rough whole-volume estimate: the U-Net's widest activations dominate (float32)."""
+    voxels = shape[0] * shape[1] * shape[2]
+    return round(1.0 + 12 * base * voxels * 4 / 2**30, 1)
+
+
+def init_bhdiff_wf(model, params: dict | None = None, device: str = "auto", output_space: str = "native",
+                   omp_nthreads: int = 1, name: str = "bhdiff_wf"):
+    """Harmonize one T1w with a BlindHarmonyDiff model folder.
+
+    Inputs: ``t1w``. Outputs: ``harmonized``, ``info``, ``trace``, ``histograms`` (as init_harmonize_wf).
+    """
+    import json
+    from pathlib import Path
+
+    from bidsharmony.bhdiff.volume import BHDiffParams
+
+    config = json.loads((Path(model) / "config.json").read_text())
+    params = BHDiffParams(**(params or {})).validate().to_dict()
+    wf = pe.Workflow(name=name)
+    inputnode = pe.Node(niu.IdentityInterface(fields=["t1w"]), name="inputnode")
+    outputnode = pe.Node(niu.IdentityInterface(fields=["harmonized", "info", "trace", "histograms"]), name="outputnode")
+    resample = pe.Node(ResampleToHarmonizationSpace(voxel_size=1.2, num_threads=omp_nthreads), name="resample",
+                       n_procs=omp_nthreads, mem_gb=1.5)  # fmt: skip
+    harmonize = pe.Node(BHDiffHarmonize(model=str(model), params=params, device=device, num_threads=omp_nthreads),
+                        name="harmonize", n_procs=omp_nthreads,
+                        mem_gb=bhdiff_mem_gb(base=config.get("architecture", {}).get("base", 32)))  # fmt: skip
+    reassemble = pe.Node(Reassemble(output_space=output_space), name="reassemble", mem_gb=1.5)
+    wf.connect([
+        (inputnode, resample, [("t1w", "in_file")]),
+        (inputnode, reassemble, [("t1w", "in_file")]),
+        (resample, harmonize, [("out_file", "in_file")]),
+        (resample, reassemble, [("out_file", "resampled")]),
+        (harmonize, reassemble, [("out_file", "volume")]),
+        (reassemble, outputnode, [("out_file", "harmonized")]),
+        (harmonize, outputnode, [("info", "info"), ("trace", "trace"), ("histograms", "histograms")]),
+    ])  # fmt: skip
+    return wf

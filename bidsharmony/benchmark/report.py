@@ -78,13 +78,14 @@ def scanner_table(rows, methods, key, labels) -> str:
 
 
 def write_report(args, rows, unseen, examples, *, model, target_gm_wm, walls, seconds_total, train, test) -> None:
-    from bidsharmony.benchmark.run import ABLATIONS, METHOD, METRICS
+    from bidsharmony.benchmark.run import ABLATIONS, BHDIFF, METHOD, METRICS
 
     peers = [p.name for p in make_peers()]
-    labels = {METHOD: "**bidsharmony**", **{k: f"bidsharmony, {v[0]}" for k, v in ABLATIONS.items()}}
+    labels = {METHOD: "**bidsharmony**", BHDIFF: "bidsharmony --method bhdiff (3D)",
+              **{k: f"bidsharmony, {v[0]}" for k, v in ABLATIONS.items()}}
     main_methods = [*peers, METHOD]
     main_rows = [r for r in rows if r["method"] in main_methods]
-    abl_keys = [k for k in ABLATIONS if any(r["method"] == k for r in rows)]
+    abl_keys = [k for k in [*ABLATIONS, BHDIFF] if any(r["method"] == k for r in rows)]
     abl_cases = {(r["subject"], r["scanner"]) for r in rows if r["method"] in abl_keys}
     abl_rows = [r for r in rows if (r["subject"], r["scanner"]) in abl_cases and r["method"] in ("none", "histmatch", METHOD, *abl_keys)]
     n_vol = defaultdict(int)
@@ -125,7 +126,7 @@ def write_report(args, rows, unseen, examples, *, model, target_gm_wm, walls, se
     for key in ("psnr_vol", "ssim_slice", "dice", "jump_ratio"):
         md += [f"## {HEADERS[key]} per scanner", "", scanner_table(main_rows, main_methods, key, labels), ""]
     if abl_keys:
-        md += ["## Ablations of the loop (same cases for every row)", "",
+        md += ["## Ablations of the loop" + (" and the 3D method" if BHDIFF in abl_keys else "") + " (same cases for every row)", "",
                f"{len(abl_cases)} case(s): " + ", ".join(sorted(f"{s}/{c}" for s, c in abl_cases)), "",
                method_table(abl_rows, ["none", "histmatch", METHOD, *abl_keys], METRICS, labels), ""]
     if unseen:

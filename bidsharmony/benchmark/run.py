@@ -42,6 +42,7 @@ ABLATIONS = {
     "ncc": ("NCC similarity", ["--similarity", "ncc"]),
 }
 METHOD = "bidsharmony"
+BHDIFF = "bhdiff"
 METRICS = ["psnr_slice", "ssim_slice", "psnr_vol", "ssim_vol", "ncc_vol", "dice", "jump_ratio", "profile_rmse"]
 
 
@@ -56,6 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ablations", help=f"comma-separated, 'all' or 'none' (default: all; --quick: none): {','.join(ABLATIONS)}")
     p.add_argument("--ablation-subjects", type=int, default=1, help="TEST subjects the ablations run on")
     p.add_argument("--ablation-scanners", default=",".join(QUICK_SCANNERS), help="scanners the ablations run on")
+    p.add_argument("--bhdiff-model", type=Path, help="a bhdiff model folder: also score --method bhdiff (3D) on the ablation cases")
     p.add_argument("--train-subjects", type=int, help="TRAIN subjects for the peers' population fits (default: all; --quick: 20)")
     p.add_argument("--cli-args", default="", help="extra options for every bidsharmony run, e.g. '--iterations 5'")
     p.add_argument("--work", type=Path, default=Path("benchmark-work"), help="simulated data, outputs and Nipype work (kept: a rerun resumes)")
@@ -200,6 +202,9 @@ def main(argv=None) -> int:
     abl_subjects = labels[: args.ablation_subjects]
     for key in args.ablations:
         outputs[key] = run_cli(args, sim, key, ABLATIONS[key][1], abl_subjects, args.ablation_scanners)
+    if args.bhdiff_model:  # the 3D method, side by side on the same cases as the ablations
+        outputs[BHDIFF] = run_cli(args, sim, BHDIFF, ["--method", "bhdiff", "--model", str(args.bhdiff_model.resolve())],
+                                  abl_subjects, args.ablation_scanners)
 
     LOG.info("fitting peers on %d TRAIN subjects", len(train))
     train_data = [load_subject(args.data, s)[:2] for s in train]

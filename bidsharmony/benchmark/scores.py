@@ -14,7 +14,6 @@ from scipy import stats
 from bidsharmony.metrics import mask_slices, robust_scale, slice_jumps, slice_profile
 
 
-
 def psnr(a: np.ndarray, b: np.ndarray, data_range: float = 1.0) -> float:
     mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
     return float("inf") if mse == 0 else float(10.0 * np.log10(data_range**2 / mse))

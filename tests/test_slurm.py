@@ -71,8 +71,9 @@ def test_two_subjects_through_slurm_give_the_multiproc_outputs(participant_run, 
            "-w", str(tmp_path / "work"), "--device", "cpu", "--participant-label", "01", "02"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    logs = list((tmp_path / "work").rglob("slurm-*.out"))
-    assert any("harmonize" in str(p) for p in logs), "the harmonize nodes did not run as SLURM jobs"
+    # Nipype writes one batch script per node it submits, and SLURM one log per job, into batch/.
+    assert list((tmp_path / "work").rglob("batchscript_*harmonize*.sh")), "the harmonize nodes were not submitted to SLURM"
+    assert list((tmp_path / "work").rglob("slurm-*.out")), "no SLURM job wrote its log"
     reference = sorted(participant_run["out"].rglob("*_desc-harmonized_T1w.nii.gz"))
     assert len(reference) == 4
     for ref in reference:

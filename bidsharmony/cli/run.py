@@ -361,6 +361,8 @@ def main(argv=None) -> int:
     from bidsharmony.cli.parser import build_parser
 
     opts = build_parser().parse_args(argv)
+    # Called in-process (tests, other tools), main() leaves the logger and SIGTERM as it found them.
+    saved_logging = (LOG.handlers[:], LOG.level, LOG.propagate)
     _setup_logging(opts.verbose)
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main_thread else None
@@ -369,6 +371,10 @@ def main(argv=None) -> int:
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous)
+        for h in LOG.handlers:
+            if h not in saved_logging[0]:
+                h.close()
+        LOG.handlers[:], LOG.level, LOG.propagate = saved_logging
 
 
 def _main(opts) -> int:

@@ -36,15 +36,6 @@ def prep(path):
     return slices, record, vol
 
 
-def grid_of(vol, record):
-    """Cut a volume on another volume's slice grid (the same head, so the same anatomy)."""
-    pad = 200
-    v = np.pad(vol, ((pad, pad), (pad, pad), (0, 0)))
-    ox, oy = record.offset + pad
-    h, w = record.grid_shape
-    return np.moveaxis(v[ox:ox + h, oy:oy + w, :], 2, 0)
-
-
 def psnr(a, b) -> float:
     def mm(x):
         return (x - x.min()) / (x.max() - x.min() + 1e-8)
@@ -68,7 +59,7 @@ def main() -> None:
     print("|---" * (len(CONFIGS) + 2) + "|")
     for sc in args.scanners.split(","):
         src, r2, _ = prep(args.sim / args.subject / f"ses-{sc}" / "anat" / f"{args.subject}_ses-{sc}_T1w.nii.gz")
-        truth = grid_of(tvol, r2)
+        truth, _ = cut(tvol, offset=r2.offset)  # the truth on the source's grid: the same anatomy per slice
         row = [psnr(src[idx], truth[idx])]
         for cfg in CONFIGS.values():
             params = HarmonizeParams(**cfg).validate()

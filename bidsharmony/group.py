@@ -86,7 +86,7 @@ def plot_group(out_dir: Path, rows: list[dict]) -> list[Path]:
     colours = {s: plt.cm.tab10(i % 10) for i, s in enumerate(scanners)}
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     ax = axes[0]
-    for i, r in enumerate(rows):
+    for r in rows:
         if r["histogram_distance_before"] is not None:
             ax.plot([0, 1], [r["histogram_distance_before"], r["histogram_distance_after"]], "-o", color=colours[r["scanner"]], ms=4)
     ax.set_xticks([0, 1], ["input", "harmonized"])

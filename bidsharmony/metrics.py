@@ -62,3 +62,15 @@ def histogram_distance(p: np.ndarray, q: np.ndarray) -> float:
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
     a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
     return float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-12))
+
+
+def harmonization_quality(before: np.ndarray, after: np.ndarray, target: np.ndarray | None) -> tuple[dict, dict]:
+    """For harmonized [0, 1] slices and their inputs: (the histograms the report draws, JSON-ready;
+    the sidecar's ``Quality``: similarity to the input and, with a target histogram, the distance
+    to it before and after)."""
+    hist = {"before": slice_histogram(before), "after": slice_histogram(after), "target": target}
+    quality = {"SimilarityToInput": round(cosine(after, before), 5)}
+    if target is not None:
+        quality["HistogramDistanceBefore"] = round(histogram_distance(hist["before"], target), 5)
+        quality["HistogramDistanceAfter"] = round(histogram_distance(hist["after"], target), 5)
+    return {k: (None if v is None else [round(float(x), 5) for x in v]) for k, v in hist.items()}, quality

@@ -33,24 +33,8 @@ def _mkdir(folder: Path) -> None:
         raise OutputError(f"{folder}: cannot create ({e.strerror})") from None
 
 
-def atomic_write_text(path, text: str) -> None:
-    path = Path(path)
-    _mkdir(path.parent)
-    tmp = _tmp_for(path)
-    try:
-        tmp.write_text(text)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise OutputError(f"{path}: cannot write ({e.strerror})") from None
-    _replace(tmp, path)
-
-
-def atomic_write_json(path, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
-
-
 def atomic_save(path, write) -> None:
-    """``write(tmp_path)`` then rename into place (for writers such as matplotlib or nibabel)."""
+    """``write(tmp_path)`` then rename into place; the partial file never survives a failure."""
     path = Path(path)
     _mkdir(path.parent)
     tmp = _tmp_for(path)
@@ -65,16 +49,16 @@ def atomic_save(path, write) -> None:
     _replace(tmp, path)
 
 
+def atomic_write_text(path, text: str) -> None:
+    atomic_save(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def atomic_write_json(path, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
 def atomic_copy(src, path) -> None:
-    path = Path(path)
-    _mkdir(path.parent)
-    tmp = _tmp_for(path)
-    try:
-        shutil.copyfile(src, tmp)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise OutputError(f"{path}: cannot write ({e.strerror})") from None
-    _replace(tmp, path)
+    atomic_save(path, lambda tmp: shutil.copyfile(src, tmp))
 
 
 def _alive(pid: int) -> bool:

@@ -30,6 +30,7 @@ import numpy as np
 from bidsharmony.benchmark import scores
 from bidsharmony.benchmark.peers import make_peers
 from bidsharmony.benchmark.scanners import QUICK_SCANNERS, SCANNERS, simulate
+from bidsharmony.metrics import mask_slices
 
 LOG = logging.getLogger("bidsharmony.benchmark")
 
@@ -97,11 +98,11 @@ def load_canonical(path: Path) -> np.ndarray:
     return np.asarray(nb.as_closest_canonical(nb.load(str(path))).dataobj, dtype=np.float32)
 
 
-def load_subject(data: Path, sub: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(T1w, brain mask, CSF/GM/WM classes), RAS-canonical."""
+def load_subject(data: Path, sub: str, tissue: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(T1w, brain mask, CSF/GM/WM classes or None), RAS-canonical."""
     t1 = load_canonical(t1w_path(data, sub))
     labels = load_canonical(labels_path(data, sub)).astype(np.int32)
-    return t1, labels > 0, scores.tissue_classes(t1, labels)
+    return t1, labels > 0, scores.tissue_classes(t1, labels) if tissue else None
 
 
 def case_seed(seed: int, *parts: str) -> int:
@@ -207,7 +208,7 @@ def main(argv=None) -> int:
                                   abl_subjects, args.ablation_scanners)
 
     LOG.info("fitting peers on %d TRAIN subjects", len(train))
-    train_data = [load_subject(args.data, s)[:2] for s in train]
+    train_data = [load_subject(args.data, s, tissue=False)[:2] for s in train]
     peers = [p.fit([v for v, _ in train_data], [m for _, m in train_data]) if p.population else p for p in make_peers()]
     reference = np.concatenate([scores.brain_sample(v, m, n=5000, seed=i) for i, (v, m) in enumerate(train_data)])
     target_gm_wm = float(np.mean([scores.gm_wm_ratio(v, m) for v, m in train_data]))
@@ -231,7 +232,7 @@ def main(argv=None) -> int:
                 rows.append({"subject": sub, "scanner": name, "kind": SCANNERS[name].kind, "method": method,
                              **scores.score_volume(vol, truth, mask), "seconds": round(float(seconds), 3)})
             if sub == test[0]:
-                k = int(np.median(scores.brain_slices(mask)))
+                k = int(np.median(mask_slices(mask)))
                 examples[name] = {"truth": truth[..., k], **{m: v[..., k] for m, (v, _) in results.items()}}
         LOG.info("scored %s", sub)
 

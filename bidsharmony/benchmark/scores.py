@@ -35,15 +35,11 @@ def minmax(a: np.ndarray) -> np.ndarray:
     return (a - lo) / max(hi - lo, 1e-12)
 
 
-def brain_slices(mask: np.ndarray) -> np.ndarray:
-    return mask_slices(mask)
-
-
 def slice_scores(out: np.ndarray, truth: np.ndarray, mask: np.ndarray) -> dict:
     """The papers' protocol: each axial slice min-max scaled to [0, 1]; PSNR and SSIM over the
     whole slice, averaged over the slices that hold brain."""
     ps, ss = [], []
-    for k in brain_slices(mask):
+    for k in mask_slices(mask):
         a, b = minmax(out[..., k]), minmax(truth[..., k])
         ps.append(psnr(a, b))
         ss.append(float(ssim_map(a, b).mean()))

@@ -10,7 +10,6 @@ coordinates together. An exponential moving average of the weights is what gets 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -134,44 +133,28 @@ def train_bhdiff(volumes: list[tuple[np.ndarray, np.ndarray]], cfg: BHDiffTrainC
     return {"steps": step, "losses": losses, "model": model, "ema": ema.module, "seconds": time.perf_counter() - t0}
 
 
+FORMAT = "bidsharmony-bhdiff"
+
+
 def save_bhdiff_model(folder, unet, meta: dict) -> Path:
-    """model.safetensors + config.json (format bidsharmony-bhdiff, the weights' sha256)."""
-    from safetensors.torch import save_file
+    """model.safetensors + config.json, written as every model folder is (``flow.checkpoint``)."""
+    from bidsharmony.flow.checkpoint import write_folder
 
-    from bidsharmony.flow.checkpoint import CONFIG, WEIGHTS, sha256_file
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     tensors = {f"unet.{k}": v.detach().cpu().contiguous() for k, v in unet.state_dict().items()}
-    save_file(tensors, str(folder / (WEIGHTS + ".tmp")), metadata={"format": "bidsharmony-bhdiff"})
-    os.replace(folder / (WEIGHTS + ".tmp"), folder / WEIGHTS)
-    cfg = {**meta, "format": "bidsharmony-bhdiff", "format_version": 1, "architecture": unet.cfg.to_dict(),
-           "weights_sha256": sha256_file(folder / WEIGHTS)}  # fmt: skip
-    (folder / (CONFIG + ".tmp")).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    os.replace(folder / (CONFIG + ".tmp"), folder / CONFIG)
-    return folder
+    return write_folder(folder, tensors, {**meta, "format": FORMAT, "format_version": 1, "architecture": unet.cfg.to_dict()})
 
 
 def load_bhdiff_model(folder, device="cpu"):
     """(unet, config) from a bhdiff model folder; the weights' hash is checked, nothing unpickled."""
-    from safetensors.torch import load_file
-
     from bidsharmony.bhdiff.unet import UNetConfig, VelocityUNet
     from bidsharmony.errors import ModelError
-    from bidsharmony.flow.checkpoint import CONFIG, WEIGHTS, sha256_file
+    from bidsharmony.flow.checkpoint import CONFIG, read_config, read_weights
 
-    folder = Path(folder)
+    cfg = read_config(folder, fmt=FORMAT, version=1)
+    tensors = read_weights(folder, cfg)
     try:
-        cfg = json.loads((folder / CONFIG).read_text())
-    except (OSError, ValueError) as e:
-        raise ModelError(f"{folder / CONFIG}: cannot read ({e})") from None
-    if cfg.get("format") != "bidsharmony-bhdiff":
-        raise ModelError(f"{folder}: not a bhdiff model folder (format {cfg.get('format')!r})")
-    if sha256_file(folder / WEIGHTS) != cfg.get("weights_sha256"):
-        raise ModelError(f"{folder / WEIGHTS}: sha256 does not match {CONFIG} (truncated, corrupted or replaced)")
-    arch = dict(cfg["architecture"])
-    arch["mults"] = tuple(arch["mults"])
-    unet = VelocityUNet(UNetConfig(**arch))
-    tensors = load_file(str(folder / WEIGHTS))
-    unet.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("unet.")}, strict=True)
+        unet = VelocityUNet(UNetConfig(**{**cfg["architecture"], "mults": tuple(cfg["architecture"]["mults"])}))
+        unet.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("unet.")}, strict=True)
+    except (KeyError, TypeError, RuntimeError) as e:
+        raise ModelError(f"{Path(folder) / CONFIG}: weights do not fit its architecture ({str(e)[:200]})") from None
     return unet.to(device).eval(), cfg

@@ -45,18 +45,16 @@ def harmonize_volume_bhdiff(vol: np.ndarray, unet, params: BHDiffParams, device=
     gen = torch.Generator(device=device).manual_seed(params.seed)
     x0 = torch.randn((1, 1, *padded), generator=gen, device=device)
 
-    def net(x, t, c=cond_t):
+    def net(x, t, c):
         with torch.no_grad():
             return unet(x, t, c)
 
-    if params.patch and max(padded) > params.patch:
-        size = params.patch - params.patch % m
-        field = patchwise(lambda x, t, c: net(x, t, c), size, overlap=size // 4)
+    whole = not params.patch or max(padded) <= params.patch
+    size = params.patch - params.patch % m
+    field = net if whole else patchwise(net, size, overlap=size // 4)
 
-        def velocity(x, t):
-            return field(x, t, cond_t)
-    else:
-        velocity = net
+    def velocity(x, t):
+        return field(x, t, cond_t)
     unet.eval()
     x = sample_midpoint(velocity, x0, steps=params.ode_steps)
     x = x[..., : vol.shape[0], : vol.shape[1], : vol.shape[2]]

@@ -49,14 +49,27 @@ class LoadedModel:
         return self.config.get("name", self.path.name if self.path else "unnamed")
 
 
-def save_model(folder, flow, config: dict, extras: dict | None = None, half: bool = False) -> Path:
-    """Write a model folder atomically enough for a reader: weights first, then the config that
-    names their hash (a reader never sees a config pointing at unfinished weights)."""
-    import torch
+def write_folder(folder, tensors: dict, config: dict) -> Path:
+    """Write weights, then the config that names their hash: a reader never sees a config pointing
+    at unfinished weights. ``config['format']`` says which model kind the folder holds."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / (WEIGHTS + ".tmp")
+    save_file(tensors, str(tmp), metadata={"format": config["format"]})
+    os.replace(tmp, folder / WEIGHTS)
+    cfg = {**config, "weights_sha256": sha256_file(folder / WEIGHTS)}
+    cfg.setdefault("software_version", __version__)
+    tmp = folder / (CONFIG + ".tmp")
+    tmp.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, folder / CONFIG)
+    return folder
+
+
+def save_model(folder, flow, config: dict, extras: dict | None = None, half: bool = False) -> Path:
+    import torch
+
     tensors = {}
     for k, v in flow.state_dict().items():
         v = v.detach().cpu().contiguous()
@@ -65,25 +78,12 @@ def save_model(folder, flow, config: dict, extras: dict | None = None, half: boo
         tensors[f"flow.{k}"] = v
     for k, v in (extras or {}).items():
         tensors[f"extra.{k}"] = torch.as_tensor(v).detach().cpu().contiguous()
-    tmp = folder / (WEIGHTS + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": FORMAT})
-    os.replace(tmp, folder / WEIGHTS)
-    cfg = dict(config)
-    cfg.update(
-        format=FORMAT,
-        format_version=FORMAT_VERSION,
-        architecture=flow.cfg.to_dict(),
-        storage_dtype="float16" if half else "float32",
-        weights_sha256=sha256_file(folder / WEIGHTS),
-    )
-    cfg.setdefault("software_version", __version__)
-    tmp = folder / (CONFIG + ".tmp")
-    tmp.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, folder / CONFIG)
-    return folder
+    cfg = {**config, "format": FORMAT, "format_version": FORMAT_VERSION, "architecture": flow.cfg.to_dict(),
+           "storage_dtype": "float16" if half else "float32"}  # fmt: skip
+    return write_folder(folder, tensors, cfg)
 
 
-def read_config(folder) -> dict:
+def read_config(folder, fmt: str = FORMAT, version: int = FORMAT_VERSION) -> dict:
     folder = Path(folder)
     if not folder.is_dir():
         raise ModelError(f"{folder}: model folder not found")
@@ -94,31 +94,37 @@ def read_config(folder) -> dict:
         cfg = json.loads(cfg_path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ModelError(f"{cfg_path}: not valid JSON ({e})") from None
-    if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
-        raise ModelError(f"{cfg_path}: not a bidsharmony flow config (format != {FORMAT!r})")
-    if cfg.get("format_version", 0) > FORMAT_VERSION:
+    if not isinstance(cfg, dict) or cfg.get("format") != fmt:
+        raise ModelError(f"{cfg_path}: not a bidsharmony {fmt.split('-')[-1]} config (format != {fmt!r})")
+    if cfg.get("format_version", 0) > version:
         raise ModelError(f"{cfg_path}: format version {cfg['format_version']} is newer than this bidsharmony reads")
     return cfg
 
 
-def load_model(folder, device="cpu", verify_hash: bool = True) -> LoadedModel:
-    """Load a model folder for inference (eval mode, float32, on ``device``)."""
+def read_weights(folder, cfg: dict, verify_hash: bool = True) -> dict:
+    """The folder's tensors (CPU), after checking them against the config's sha256."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from bidsharmony.flow.model import FlowConfig, SliceFlow
-
-    folder = Path(folder)
-    cfg = read_config(folder)
-    weights = folder / WEIGHTS
+    weights = Path(folder) / WEIGHTS
     if not weights.is_file():
         raise ModelError(f"{weights}: missing")
     if verify_hash and sha256_file(weights) != cfg.get("weights_sha256"):
         raise ModelError(f"{weights}: sha256 does not match {CONFIG} (truncated, corrupted or replaced)")
     try:
-        tensors = load_file(str(weights), device="cpu")
+        return load_file(str(weights), device="cpu")
     except (SafetensorError, OSError, ValueError) as e:
         raise ModelError(f"{weights}: not a readable safetensors file ({e})") from None
+
+
+def load_model(folder, device="cpu", verify_hash: bool = True) -> LoadedModel:
+    """Load a model folder for inference (eval mode, float32, on ``device``)."""
+    from bidsharmony.flow.model import FlowConfig, SliceFlow
+
+    folder = Path(folder)
+    cfg = read_config(folder)
+    weights = folder / WEIGHTS
+    tensors = read_weights(folder, cfg, verify_hash)
     try:
         flow = SliceFlow(FlowConfig.from_dict(cfg["architecture"]))
     except (KeyError, TypeError, ValueError) as e:

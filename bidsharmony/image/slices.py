@@ -77,14 +77,17 @@ def _copy_window(src: np.ndarray, dst: np.ndarray, offset, to_grid: bool) -> Non
         dst[vol_sl] = src[grid_sl]
 
 
-def cut(volume: np.ndarray, grid_shape=(144, 176)) -> tuple[np.ndarray, SliceRecord]:
-    """Canonical volume (X, Y, Z) -> slices (Z, H, W) in [0, 1] and the record to undo it."""
+def cut(volume: np.ndarray, grid_shape=(144, 176), offset=None) -> tuple[np.ndarray, SliceRecord]:
+    """Canonical volume (X, Y, Z) -> slices (Z, H, W) in [0, 1] and the record to undo it.
+    ``offset`` (from another record) puts the grid where that volume's was, to compare the two."""
     h, w = grid_shape
     mask = head_mask(volume)
     if not mask.any():
         mask = np.ones(volume.shape, bool)
     xs, ys, zs = (np.flatnonzero(mask.any(axis=a)) for a in [(1, 2), (0, 2), (0, 1)])
-    offset = np.array([_window(h, xs[0], xs[-1] + 1), _window(w, ys[0], ys[-1] + 1)])
+    if offset is None:
+        offset = np.array([_window(h, xs[0], xs[-1] + 1), _window(w, ys[0], ys[-1] + 1)])
+    offset = np.asarray(offset)
 
     background = float(volume.min())
     grid = np.full((h, w, volume.shape[2]), background, np.float32)

@@ -37,7 +37,7 @@ class BHDiffHarmonize(SimpleInterface):
         from bidsharmony.bhdiff.volume import BHDiffParams, harmonize_volume_bhdiff
         from bidsharmony.device import resolve_device
         from bidsharmony.image.slices import cut
-        from bidsharmony.metrics import cosine, histogram_distance, slice_histogram
+        from bidsharmony.metrics import harmonization_quality
 
         torch.set_num_threads(max(1, self.inputs.num_threads))
         device = resolve_device(self.inputs.device)
@@ -54,18 +54,15 @@ class BHDiffHarmonize(SimpleInterface):
         self._results["trace"] = os.path.join(runtime.cwd, "trace.json")
         with open(self._results["trace"], "w") as f:
             json.dump(trace, f)
+        # The same [0, 1] slices the flow method measures, so the two methods' reports compare.
         before, rec = cut(vol)
-        after, _ = cut(out)
+        after, _ = cut(out, offset=rec.offset)  # on the input's grid: slice k against slice k
         idx = rec.harmonize.astype(bool)
         target = config.get("target_histogram")
-        hist = {"before": slice_histogram(before[idx]), "after": slice_histogram(after[idx]), "target": target}
+        hist, quality = harmonization_quality(before[idx], after[idx], None if target is None else np.asarray(target))
         self._results["histograms"] = os.path.join(runtime.cwd, "histograms.json")
         with open(self._results["histograms"], "w") as f:
-            json.dump({k: (None if v is None else [round(float(x), 5) for x in v]) for k, v in hist.items()}, f)
-        quality = {"SimilarityToInput": round(cosine(after[idx], before[idx]), 5)}
-        if target is not None:
-            quality["HistogramDistanceBefore"] = round(histogram_distance(hist["before"], target), 5)
-            quality["HistogramDistanceAfter"] = round(histogram_distance(hist["after"], target), 5)
+            json.dump(hist, f)
         self._results["info"] = {
             "Method": "bhdiff (3D rectified flow, BlindHarmonyDiff)",
             "Model": {"Name": config.get("name"), "Sha256": config["weights_sha256"], "Preset": config.get("preset"), "VoxelSize": 1.2},

@@ -55,19 +55,14 @@ class Harmonize(SimpleInterface):
         self._results["trace"] = os.path.join(runtime.cwd, "trace.json")
         with open(self._results["trace"], "w") as f:
             json.dump(trace.to_dict(), f)
-        from bidsharmony.metrics import cosine, histogram_distance, slice_histogram
+        from bidsharmony.metrics import harmonization_quality
 
         idx = record.harmonize.astype(bool)
         target = model.extras.get("target_histogram")
-        target = None if target is None else target.cpu().numpy()
-        hist = {"before": slice_histogram(slices[idx]), "after": slice_histogram(out[idx]), "target": target}
+        hist, quality = harmonization_quality(slices[idx], out[idx], None if target is None else target.cpu().numpy())
         self._results["histograms"] = os.path.join(runtime.cwd, "histograms.json")
         with open(self._results["histograms"], "w") as f:
-            json.dump({k: (None if v is None else [round(float(x), 5) for x in v]) for k, v in hist.items()}, f)
-        quality = {"SimilarityToInput": round(cosine(out[idx], slices[idx]), 5)}
-        if target is not None:  # Wasserstein-1 on normalised slice intensities, 0 = the target's distribution
-            quality["HistogramDistanceBefore"] = round(histogram_distance(hist["before"], target), 5)
-            quality["HistogramDistanceAfter"] = round(histogram_distance(hist["after"], target), 5)
+            json.dump(hist, f)
         self._results["info"] = {
             "Method": "flow (2D normalizing-flow prior, BlindHarmony)",
             "Model": {

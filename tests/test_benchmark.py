@@ -152,3 +152,33 @@ def test_quick_mode_runs_the_real_cli_end_to_end(tmp_path):
     # The simulated source never replaces the truth: the input dataset is untouched, the source differs.
     none = next(r for r in result["rows"] if r["method"] == "none")
     assert none["psnr_vol"] < 40
+
+
+def test_report_scores_the_3d_method_beside_the_2d_one_on_its_own_cases(tmp_path):
+    from bidsharmony.benchmark.report import write_report
+    from bidsharmony.benchmark.run import BHDIFF, METHOD, METRICS, parse_args
+
+    args = parse_args(["--scanners", "gamma0p7,bias,noise", "--ablations", "none", "--bhdiff-model", "m",
+                       "--bhdiff-scanners", "bias,noise,blur", "--out", str(tmp_path)])  # fmt: skip
+    assert args.bhdiff_scanners == ["bias", "noise"]  # only scanners that are simulated
+    assert parse_args(["--ablation-scanners", "bias"]).bhdiff_scanners == ["bias"]  # default: the ablation cases
+    with pytest.raises(SystemExit):
+        parse_args(["--bhdiff-scanners", "bias,nonsense"])
+    methods = [p.name for p in make_peers()] + [METHOD]
+    rows = []
+    for scanner in ("gamma0p7", "bias", "noise"):
+        for i, m in enumerate(methods + ([BHDIFF] if scanner != "gamma0p7" else [])):
+            rows.append({"subject": "sub-1", "scanner": scanner, "kind": SCANNERS[scanner].kind, "method": m,
+                         **{k: 20.0 + i for k in METRICS}, "seconds": 1.0 + i})  # fmt: skip
+    bh = {"Name": "bh-small", "Preset": "small", "Sha256": "ab" * 32}
+    write_report(args, rows, [], {}, model={"Name": "x", "Preset": "fast", "Sha256": "cd" * 32}, bhdiff_model=bh,
+                 target_gm_wm=1.0, walls={METHOD: 10.0, BHDIFF: 20.0}, seconds_total=1.0, train=[], test=["sub-1"])  # fmt: skip
+    md = (tmp_path / "quality.md").read_text()
+    section = md.split("## The 3D method beside the 2D one")[1]
+    assert "2 case(s): sub-1/bias, sub-1/noise" in section and "`bh-small` (small)" in section
+    bh_line = next(line for line in section.splitlines() if line.startswith("| bidsharmony --method bhdiff"))
+    assert bh_line.split("|")[2].strip() == f"**{20.0 + len(methods):.2f}**"  # the best PSNR, in bold
+    main_part = md.split("## The 3D method")[0]
+    assert "| bidsharmony --method bhdiff" not in main_part  # the tables over all scanners: 2D and peers only
+    assert "bidsharmony --method bhdiff (3D) 10.0 s" in main_part  # its CLI wall time per volume: 20 s over 2 volumes
+    assert json.loads((tmp_path / "quality.json").read_text())["bhdiff_model"] == bh

@@ -77,7 +77,7 @@ def scanner_table(rows, methods, key, labels) -> str:
     return "\n".join(lines)
 
 
-def write_report(args, rows, unseen, examples, *, model, target_gm_wm, walls, seconds_total, train, test) -> None:
+def write_report(args, rows, unseen, examples, *, model, target_gm_wm, bhdiff_model=None, walls, seconds_total, train, test) -> None:
     from bidsharmony.benchmark.run import ABLATIONS, BHDIFF, METHOD, METRICS
 
     peers = [p.name for p in make_peers()]
@@ -85,16 +85,19 @@ def write_report(args, rows, unseen, examples, *, model, target_gm_wm, walls, se
               **{k: f"bidsharmony, {v[0]}" for k, v in ABLATIONS.items()}}
     main_methods = [*peers, METHOD]
     main_rows = [r for r in rows if r["method"] in main_methods]
-    abl_keys = [k for k in [*ABLATIONS, BHDIFF] if any(r["method"] == k for r in rows)]
+    abl_keys = [k for k in ABLATIONS if any(r["method"] == k for r in rows)]
     abl_cases = {(r["subject"], r["scanner"]) for r in rows if r["method"] in abl_keys}
     abl_rows = [r for r in rows if (r["subject"], r["scanner"]) in abl_cases and r["method"] in ("none", "histmatch", METHOD, *abl_keys)]
+    bh_cases = {(r["subject"], r["scanner"]) for r in rows if r["method"] == BHDIFF}
+    bh_methods = [*peers, METHOD, BHDIFF]
+    bh_rows = [r for r in rows if (r["subject"], r["scanner"]) in bh_cases and r["method"] in bh_methods]
     n_vol = defaultdict(int)
     for r in rows:
         n_vol[r["method"]] += 1
 
     command = shlex.join(["python", "-m", "bidsharmony.benchmark", *sys.argv[1:]])
     meta = {"command": command, "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "machine": machine_info(),
-            "versions": versions(), "model": model, "test_subjects": test, "train_subjects_for_peers": len(train),
+            "versions": versions(), "model": model, "bhdiff_model": bhdiff_model, "test_subjects": test, "train_subjects_for_peers": len(train),
             "scanners": {s: SCANNERS[s].description for s in args.scanners},
             "cli_wall_seconds": {k: round(v, 1) for k, v in walls.items()},
             "cli_wall_seconds_per_volume": {k: round(v / max(n_vol[k], 1), 1) for k, v in walls.items()},
@@ -126,9 +129,16 @@ def write_report(args, rows, unseen, examples, *, model, target_gm_wm, walls, se
     for key in ("psnr_vol", "ssim_slice", "dice", "jump_ratio"):
         md += [f"## {HEADERS[key]} per scanner", "", scanner_table(main_rows, main_methods, key, labels), ""]
     if abl_keys:
-        md += ["## Ablations of the loop" + (" and the 3D method" if BHDIFF in abl_keys else "") + " (same cases for every row)", "",
+        md += ["## Ablations of the loop (same cases for every row)", "",
                f"{len(abl_cases)} case(s): " + ", ".join(sorted(f"{s}/{c}" for s, c in abl_cases)), "",
                method_table(abl_rows, ["none", "histmatch", METHOD, *abl_keys], METRICS, labels), ""]
+    if bh_cases:
+        md += ["## The 3D method beside the 2D one (same cases for every row)", "",
+               f"{len(bh_cases)} case(s): " + ", ".join(sorted(f"{s}/{c}" for s, c in bh_cases)) + "; bhdiff model: "
+               + (f"`{bhdiff_model['Name']}` ({bhdiff_model['Preset']}), sha256 `{bhdiff_model['Sha256']}`" if bhdiff_model else "?"), "",
+               method_table(bh_rows, bh_methods, [*METRICS, "seconds"], labels), ""]
+        for key in ("psnr_vol", "ssim_vol", "jump_ratio"):
+            md += [f"{HEADERS[key]} per scanner:", "", scanner_table(bh_rows, bh_methods, key, labels), ""]
     if unseen:
         md += ["## Unseen real scanners (no truth: distribution-level scores)", "",
                (f"Brain masks propagated from an IXI TRAIN subject by ANTs affine registration. Target domain: "
@@ -141,7 +151,7 @@ def write_report(args, rows, unseen, examples, *, model, target_gm_wm, walls, se
         md.append("")
     md += [f"![examples]({args.name}-examples.png)", "", f"![distributions]({args.name}-distributions.png)", ""]
     Path(f"{stem}.md").write_text("\n".join(md))
-    plot_examples(examples, Path(f"{stem}-examples.png"), main_methods)
+    plot_examples(examples, Path(f"{stem}-examples.png"), [*main_methods, *([BHDIFF] if bh_cases else [])])
     plot_distributions(main_rows, Path(f"{stem}-distributions.png"), main_methods)
     print("\n".join(md))
     print(f"\nwrote {stem}.md, .json and plots")
@@ -155,10 +165,13 @@ def plot_examples(examples: dict, path: Path, methods) -> None:
 
     if not examples:
         return
-    cols = ["truth", *[m for m in methods if m in next(iter(examples.values()))]]
+    cols = ["truth", *[m for m in methods if any(m in ims for ims in examples.values())]]
     fig, axes = plt.subplots(len(examples), len(cols), figsize=(1.6 * len(cols), 1.8 * len(examples)), squeeze=False)
     for i, (scanner, ims) in enumerate(examples.items()):
         for j, c in enumerate(cols):
+            if c not in ims:  # a method scored on fewer scanners (the 3D one)
+                axes[i, j].axis("off")
+                continue
             im = np.rot90(ims[c])
             lo, hi = np.percentile(im, [1, 99.5])
             axes[i, j].imshow(im, cmap="gray", vmin=lo, vmax=hi)

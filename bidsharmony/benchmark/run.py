@@ -58,7 +58,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ablations", help=f"comma-separated, 'all' or 'none' (default: all; --quick: none): {','.join(ABLATIONS)}")
     p.add_argument("--ablation-subjects", type=int, default=1, help="TEST subjects the ablations run on")
     p.add_argument("--ablation-scanners", default=",".join(QUICK_SCANNERS), help="scanners the ablations run on")
-    p.add_argument("--bhdiff-model", type=Path, help="a bhdiff model folder: also score --method bhdiff (3D) on the ablation cases")
+    p.add_argument("--bhdiff-model", type=Path, help="a bhdiff model folder: also score --method bhdiff (3D) on the ablation subjects")
+    p.add_argument("--bhdiff-scanners", help="scanners the 3D method runs on (default: the ablation scanners)")
+    p.add_argument("--bhdiff-args", default="", help="extra options for the bhdiff run only, e.g. '--ode-steps 8'")
     p.add_argument("--train-subjects", type=int, help="TRAIN subjects for the peers' population fits (default: all; --quick: 20)")
     p.add_argument("--cli-args", default="", help="extra options for every bidsharmony run, e.g. '--iterations 5'")
     p.add_argument("--work", type=Path, default=Path("benchmark-work"), help="simulated data, outputs and Nipype work (kept: a rerun resumes)")
@@ -71,7 +73,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     a = p.parse_args(argv)
     a.scanners = (a.scanners.split(",") if a.scanners else list(QUICK_SCANNERS if a.quick else SCANNERS))
     a.ablation_scanners = [s for s in a.ablation_scanners.split(",") if s in a.scanners]
-    unknown = [s for s in a.scanners if s not in SCANNERS]
+    bh = a.bhdiff_scanners.split(",") if a.bhdiff_scanners else []
+    a.bhdiff_scanners = [s for s in bh if s in a.scanners] if bh else a.ablation_scanners
+    unknown = [s for s in a.scanners + bh if s not in SCANNERS]
     if unknown:
         p.error(f"unknown scanner(s) {', '.join(unknown)}; known: {', '.join(SCANNERS)}")
     abl = a.ablations or ("none" if a.quick else "all")
@@ -203,9 +207,11 @@ def main(argv=None) -> int:
     abl_subjects = labels[: args.ablation_subjects]
     for key in args.ablations:
         outputs[key] = run_cli(args, sim, key, ABLATIONS[key][1], abl_subjects, args.ablation_scanners)
-    if args.bhdiff_model:  # the 3D method, side by side on the same cases as the ablations
-        outputs[BHDIFF] = run_cli(args, sim, BHDIFF, ["--method", "bhdiff", "--model", str(args.bhdiff_model.resolve())],
-                                  abl_subjects, args.ablation_scanners)
+    cases = {key: (abl_subjects, args.ablation_scanners) for key in args.ablations}
+    if args.bhdiff_model:  # the 3D method, scored beside the 2D one and the peers on the same volumes
+        outputs[BHDIFF] = run_cli(args, sim, BHDIFF, ["--method", "bhdiff", "--model", str(args.bhdiff_model.resolve()),
+                                                      *shlex.split(args.bhdiff_args)], abl_subjects, args.bhdiff_scanners)
+        cases[BHDIFF] = (abl_subjects, args.bhdiff_scanners)
 
     LOG.info("fitting peers on %d TRAIN subjects", len(train))
     train_data = [load_subject(args.data, s, tissue=False)[:2] for s in train]
@@ -213,7 +219,7 @@ def main(argv=None) -> int:
     reference = np.concatenate([scores.brain_sample(v, m, n=5000, seed=i) for i, (v, m) in enumerate(train_data)])
     target_gm_wm = float(np.mean([scores.gm_wm_ratio(v, m) for v, m in train_data]))
 
-    rows, examples, model = [], {}, None
+    rows, examples, models = [], {}, {}
     for sub in test:
         truth, mask, _ = load_subject(args.data, sub)
         for name in args.scanners:
@@ -223,10 +229,10 @@ def main(argv=None) -> int:
                 t0 = time.perf_counter()
                 results[peer.name] = (peer.apply(source, mask), time.perf_counter() - t0)
             for key, (out, wall) in outputs.items():
-                if key != METHOD and (sub.removeprefix("sub-") not in abl_subjects or name not in args.ablation_scanners):
+                if key != METHOD and (sub.removeprefix("sub-") not in cases[key][0] or name not in cases[key][1]):
                     continue
                 vol, side = harmonized(out, sub, name)
-                model = model or side["Model"]
+                models.setdefault(key, side["Model"])
                 results[key] = (vol, side["HarmonizationSeconds"])
             for method, (vol, seconds) in results.items():
                 rows.append({"subject": sub, "scanner": name, "kind": SCANNERS[name].kind, "method": method,
@@ -253,7 +259,7 @@ def main(argv=None) -> int:
 
     from bidsharmony.benchmark.report import write_report
 
-    write_report(args, rows, unseen, examples, model=model, target_gm_wm=target_gm_wm,
+    write_report(args, rows, unseen, examples, model=models.get(METHOD), bhdiff_model=models.get(BHDIFF), target_gm_wm=target_gm_wm,
                  walls={k: v[1] for k, v in outputs.items()}, seconds_total=time.time() - t_start,
                  train=train, test=test)
     return 0

@@ -32,7 +32,9 @@ class UNetConfig:
 
 PRESETS = {
     "tiny": UNetConfig(base=8, mults=(1, 2), heads=2),  # tests and CPU smoke runs: 0.1 M parameters
-    "small": UNetConfig(base=32, mults=(1, 2, 4), heads=4),  # CPU-trainable: 7 M
+    # The paper's four stages at a quarter of its width: 7.0 M parameters, 0.5 s per 2×32³ training
+    # step on 2 CPU cores (base 32 with three stages has as many and is 2.6× slower).
+    "small": UNetConfig(base=16, mults=(1, 2, 4, 8), heads=4),
     # The reference's shape (base 64, ×1/2/4/8, attention at the deepest stage): 97.6 M against its 98.5 M.
     "paper": UNetConfig(base=64, mults=(1, 2, 4, 8), mid_blocks=1, heads=8),
 }

@@ -32,6 +32,8 @@ def test_train_writes_a_bhdiff_model_folder(bhdiff_model):
     cfg = json.loads((bhdiff_model / "config.json").read_text())
     assert cfg["format"] == "bidsharmony-bhdiff" and cfg["architecture"]["base"] == 8 and len(cfg["target_histogram"]) == 64
     assert (bhdiff_model / "model.safetensors").is_file() and (bhdiff_model / "checkpoint" / "state.pt").is_file()
+    card = (bhdiff_model / "MODEL_CARD.md").read_text()
+    assert "BlindHarmonyDiff" in card and cfg["weights_sha256"] in card and "steps 4" in card
 
 
 def test_participant_with_bhdiff_is_native_deterministic_and_reported(example_bids, bhdiff_model, tmp_path):

@@ -88,3 +88,17 @@ def test_invalid_config_json(saved):
     (folder / CONFIG).write_text("{not json")
     with pytest.raises(ModelError, match="not valid JSON"):
         load_model(folder)
+
+
+def test_a_card_is_generated_from_the_config_and_a_hand_written_one_is_kept(saved):
+    from bidsharmony.flow.checkpoint import CARD, GENERATED
+
+    flow, folder = saved
+    cfg = json.loads((folder / CONFIG).read_text())
+    card = (folder / CARD).read_text()
+    assert card.startswith(GENERATED) and cfg["weights_sha256"] in card and "normalizing-flow" in card
+    save_model(folder, flow, {"name": "again"})
+    assert "Model card: again" in (folder / CARD).read_text()  # a generated card follows the config
+    (folder / CARD).write_text("# my own card\n")  # the generated line deleted: the user's edits stay
+    save_model(folder, flow, {"name": "once more"})
+    assert (folder / CARD).read_text() == "# my own card\n"

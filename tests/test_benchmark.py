@@ -172,7 +172,7 @@ def test_report_scores_the_3d_method_beside_the_2d_one_on_its_own_cases(tmp_path
                          **{k: 20.0 + i for k in METRICS}, "seconds": 1.0 + i})  # fmt: skip
     bh = {"Name": "bh-small", "Preset": "small", "Sha256": "ab" * 32}
     write_report(args, rows, [], {}, model={"Name": "x", "Preset": "fast", "Sha256": "cd" * 32}, bhdiff_model=bh,
-                 target_gm_wm=1.0, walls={METHOD: 10.0, BHDIFF: 20.0}, seconds_total=1.0, train=[], test=["sub-1"])  # fmt: skip
+                 target_gm_wm=1.0, walls={METHOD: None, BHDIFF: 20.0}, seconds_total=1.0, train=[], test=["sub-1"])  # fmt: skip
     md = (tmp_path / "quality.md").read_text()
     section = md.split("## The 3D method beside the 2D one")[1]
     assert "2 case(s): sub-1/bias, sub-1/noise" in section and "`bh-small` (small)" in section
@@ -181,4 +181,5 @@ def test_report_scores_the_3d_method_beside_the_2d_one_on_its_own_cases(tmp_path
     main_part = md.split("## The 3D method")[0]
     assert "| bidsharmony --method bhdiff" not in main_part  # the tables over all scanners: 2D and peers only
     assert "bidsharmony --method bhdiff (3D) 10.0 s" in main_part  # its CLI wall time per volume: 20 s over 2 volumes
+    assert "bidsharmony reused from an earlier run" in main_part  # a resumed run's wall time is not reported as the method's
     assert json.loads((tmp_path / "quality.json").read_text())["bhdiff_model"] == bh

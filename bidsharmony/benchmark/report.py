@@ -99,8 +99,8 @@ def write_report(args, rows, unseen, examples, *, model, target_gm_wm, bhdiff_mo
     meta = {"command": command, "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "machine": machine_info(),
             "versions": versions(), "model": model, "bhdiff_model": bhdiff_model, "test_subjects": test, "train_subjects_for_peers": len(train),
             "scanners": {s: SCANNERS[s].description for s in args.scanners},
-            "cli_wall_seconds": {k: round(v, 1) for k, v in walls.items()},
-            "cli_wall_seconds_per_volume": {k: round(v / max(n_vol[k], 1), 1) for k, v in walls.items()},
+            "cli_wall_seconds": {k: None if v is None else round(v, 1) for k, v in walls.items()},
+            "cli_wall_seconds_per_volume": {k: None if v is None else round(v / max(n_vol[k], 1), 1) for k, v in walls.items()},
             "benchmark_seconds": round(seconds_total, 1), "target_gm_wm_ratio": target_gm_wm}
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / args.name
@@ -123,7 +123,8 @@ def write_report(args, rows, unseen, examples, *, model, target_gm_wm, bhdiff_mo
         method_table(main_rows, main_methods, [*METRICS, "seconds"], labels),
         "",
         "s / volume: the harmonization itself (bidsharmony: the loop, from the sidecar); the whole CLI run per volume, "
-        "with resampling and I/O: " + ", ".join(f"{labels.get(k, k).strip('*')} {v} s" for k, v in meta["cli_wall_seconds_per_volume"].items()) + ".",
+        "with resampling and I/O: " + ", ".join(f"{labels.get(k, k).strip('*')} " + ("reused from an earlier run" if v is None else f"{v} s")
+                                           for k, v in meta["cli_wall_seconds_per_volume"].items()) + ".",
         "",
     ]
     for key in ("psnr_vol", "ssim_slice", "dice", "jump_ratio"):

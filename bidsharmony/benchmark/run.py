@@ -145,7 +145,8 @@ def build_simulated(args, subjects: list[str]) -> Path:
 # -- running the CLI ---------------------------------------------------------------------------
 
 def run_cli(args, bids: Path, key: str, extra: list[str], participants=None, sessions=None) -> tuple[Path, float]:
-    """Run the real ``bidsharmony … participant``; returns (output folder, wall seconds)."""
+    """Run the real ``bidsharmony … participant``; returns (output folder, wall seconds), the
+    seconds None when the run wrote nothing new (every output reused from an earlier run in --work)."""
     out = args.work / f"out-{key}"
     cmd = [sys.executable, "-m", "bidsharmony", str(bids), str(out), "participant",
            "-w", str(args.work / f"work-{key}"), "--random-seed", str(args.seed), "--device", args.device,
@@ -156,14 +157,16 @@ def run_cli(args, bids: Path, key: str, extra: list[str], participants=None, ses
            *shlex.split(args.cli_args), *extra]
     log = args.work / f"log-{key}.txt"
     LOG.info("running %s", shlex.join(cmd))
-    t0 = time.perf_counter()
+    t0, started = time.perf_counter(), time.time()
     with open(log, "w") as f:
         rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, check=False).returncode
     seconds = time.perf_counter() - t0
+    if not any(p.stat().st_mtime >= started for p in out.glob("sub-*/**/*_desc-harmonized_T1w.nii.gz")):
+        seconds = None  # a resumed benchmark: this wall time says nothing about the method
     if rc != 0:
         tail = "".join(log.read_text().splitlines(keepends=True)[-15:])
         raise RuntimeError(f"bidsharmony ({key}) exited {rc}; see {log}:\n{tail}")
-    LOG.info("%s finished in %.0f s", key, seconds)
+    LOG.info("%s finished in %.0f s%s", key, time.perf_counter() - t0, " (outputs reused)" if seconds is None else "")
     return out, seconds
 
 

@@ -196,7 +196,10 @@ def test_no_slice_to_slice_steps_are_introduced(participant_run):
 
 def test_rerun_reuses_finished_nodes(participant_run, tiny_model):
     """A rerun with the same work directory does not redo the harmonization (Nipype cache)."""
-    result = next(Path(participant_run["work"]).rglob("harmonize/result_harmonize.pklz"))
+    from bidsharmony import __version__
+
+    top = Path(participant_run["work"]) / f"bidsharmony_{__version__.replace('.', '_')}_wf"  # a new version never reuses these
+    result = next(top.rglob("harmonize/result_harmonize.pklz"))
     before = result.stat().st_mtime_ns
     code = main([str(participant_run["bids"]), str(participant_run["out"]), "participant", "--model", str(tiny_model),
                  "--nprocs", "1", "-w", str(participant_run["work"]), "--device", "cpu"])  # fmt: skip

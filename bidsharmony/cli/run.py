@@ -337,8 +337,10 @@ def _train_bhdiff(opts, runs, device: str, nprocs: int, work_dir: Path, log_dir:
     result = train_bhdiff(prepared, cfg, opts.output_dir, device=device, progress=opts.verbose > 0)
     meta = {"name": opts.output_dir.resolve().name, "preset": opts.bhdiff_preset, "software_version": __version__,
             "method": "bhdiff", "target_histogram": [round(float(x), 5) for x in hist],
-            "training": {**asdict(cfg), "device": device, "final_loss_mean_last_50": float(np.mean(result["losses"][-50:]))},
-            "training_data": {"dataset": str(opts.bids_dir.resolve()), "volumes": len(volumes)},
+            "training": {**asdict(cfg), "device": device, "seconds_last_run": round(result["seconds"], 1),
+                         "final_loss_mean_last_50": round(float(np.mean(result["losses"][-50:])), 5)},
+            "training_data": {"dataset": str(opts.bids_dir.resolve()), "volumes": len(volumes),
+                              "subjects": sorted({r["entities"]["subject"] for r in runs})},
             "preprocessing": {"voxel_size": 1.2, "orientation": "RAS", "intensity": "head 0.5/99.5 % to [-1, 1], clipped",
                               "edges": "3D Canny on the rank-transformed head (bidsharmony.bhdiff.edges)"}}  # fmt: skip
     save_bhdiff_model(opts.output_dir, result["ema"], meta)

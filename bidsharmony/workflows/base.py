@@ -19,13 +19,22 @@ def run_name(entities: dict) -> str:
     return re.sub(r"[^a-zA-Z0-9]", "_", stem)
 
 
+def workflow_name() -> str:
+    """``bidsharmony_<version>_wf``, as fMRIPrep names its own: Nipype reuses a node when its inputs
+    hash the same, whatever the code that made it, so an upgrade run in an old work directory would
+    otherwise reuse nodes whose outputs no longer match the new workflow's connections."""
+    from bidsharmony import __version__
+
+    return "bidsharmony_" + re.sub(r"[^a-zA-Z0-9]", "_", __version__) + "_wf"
+
+
 def init_bidsharmony_wf(runs, out_dir, model, params=None, device="auto", output_space="native", omp_nthreads=1,
-                        method="flow", name="bidsharmony_wf"):
+                        method="flow", name=None):
     """``runs``: dicts from ``bids.collect_t1w``; ``method``: flow (2D, BlindHarmony) or bhdiff (3D)."""
     from bidsharmony.workflows.bhdiff import init_bhdiff_wf
 
     factory = {"flow": init_harmonize_wf, "bhdiff": init_bhdiff_wf}[method]
-    wf = pe.Workflow(name=name)
+    wf = pe.Workflow(name=name or workflow_name())
     for run in runs:
         label = run_name(run["entities"])
         hwf = factory(model, params, device=device, output_space=output_space, omp_nthreads=omp_nthreads, name=f"{label}_wf")

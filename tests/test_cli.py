@@ -1,6 +1,7 @@
 """The CLI end to end: exit codes and one-line errors, and the outputs of a real participant run."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -194,7 +195,7 @@ def test_no_slice_to_slice_steps_are_introduced(participant_run):
         assert ratio < 1.5, f"{out.name}: slice-to-slice jumps grew {ratio:.2f}x"
 
 
-def test_rerun_reuses_finished_nodes(participant_run, tiny_model):
+def test_rerun_reuses_finished_nodes(capsys, participant_run, tiny_model):
     """A rerun with the same work directory does not redo the harmonization (Nipype cache)."""
     from bidsharmony import __version__
 
@@ -205,6 +206,9 @@ def test_rerun_reuses_finished_nodes(participant_run, tiny_model):
                  "--nprocs", "1", "-w", str(participant_run["work"]), "--device", "cpu"])  # fmt: skip
     assert code == 0
     assert result.stat().st_mtime_ns == before
+    n = len(list(Path(participant_run["out"]).rglob("*_desc-harmonized_T1w.nii.gz")))
+    err = capsys.readouterr().err
+    assert re.search(rf"harmonized {n}/{n}: sub_\w+ \((0 s|reused)\)", err)  # progress counts the cached runs too
 
 
 def test_subprocess_run_in_harmonization_space(example_bids, tiny_model, tmp_path):
@@ -216,6 +220,8 @@ def test_subprocess_run_in_harmonization_space(example_bids, tiny_model, tmp_pat
         capture_output=True, text=True,
     )
     assert proc.returncode == 0, proc.stderr
+    assert re.search(r"resampled 1/1: sub_02_run_2 \(\d+ s\)", proc.stderr)  # progress, in the main process
+    assert re.search(r"harmonized 1/1: sub_02_run_2 \(\d+ s\)", proc.stderr)
     files = sorted(out.rglob("*_desc-harmonized_T1w.nii.gz"))
     assert [f.name for f in files] == ["sub-02_run-2_res-1p2_desc-harmonized_T1w.nii.gz"]
     img = nb.load(files[0])

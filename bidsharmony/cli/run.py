@@ -175,6 +175,7 @@ def _execute(wf, opts, nprocs: int, log_dir: Path):
             wf.write_graph(graph2use="colored", format="svg", simple_form=True)
         except Exception as e:  # graphviz missing is not a reason to fail a run
             LOG.warning("could not write the workflow graph: %s", e)
+    plugin_args.setdefault("status_callback", ProgressReport(wf))
     try:
         return wf.run(plugin=plugin, plugin_args=plugin_args)
     except RuntimeError as e:
@@ -185,6 +186,31 @@ def _execute(wf, opts, nprocs: int, log_dir: Path):
         if m := _FULL_IN_CRASH.search(cause):
             raise OutputError(f"cannot write: {m.group(2)} (crash files in {log_dir})") from e
         raise BidsHarmonyError(f"workflow failed: {cause} (crash files in {log_dir})") from e
+
+
+class ProgressReport:
+    """Nipype's status callback (called in the main process, every plugin): one INFO line per
+    finished harmonization or resampling, with its time, so a long run is never silent (a 3D
+    harmonization on a CPU takes many minutes; Nipype's own log is quiet without -v)."""
+
+    STEPS = {"harmonize": "harmonized", "resample": "resampled"}
+
+    def __init__(self, wf):
+        self.total = {k: sum(1 for n in wf._get_all_nodes() if n.name == k) for k in self.STEPS}
+        self.done = dict.fromkeys(self.STEPS, 0)
+        self.started: dict[str, float] = {}
+
+    def __call__(self, node, status: str) -> None:
+        if node.name not in self.STEPS:
+            return
+        if status == "start":
+            self.started[node.fullname] = time.perf_counter()
+        elif status == "end":
+            self.done[node.name] += 1
+            t0 = self.started.pop(node.fullname, None)
+            run = next((p for p in node.fullname.split(".") if p.startswith("sub_")), node.fullname).removesuffix("_wf")
+            LOG.info("%s %d/%d: %s (%s)", self.STEPS[node.name], self.done[node.name], self.total[node.name], run,
+                     "reused" if t0 is None else f"{time.perf_counter() - t0:.0f} s")
 
 
 # A full disk, a quota, a file-size limit or a read-only mount: the output's exit code, not a crash.

@@ -160,14 +160,14 @@ def run_cli(args, bids: Path, key: str, extra: list[str], participants=None, ses
     t0, started = time.perf_counter(), time.time()
     with open(log, "w") as f:
         rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, check=False).returncode
-    seconds = time.perf_counter() - t0
-    if not any(p.stat().st_mtime >= started for p in out.glob("sub-*/**/*_desc-harmonized_T1w.nii.gz")):
-        seconds = None  # a resumed benchmark: this wall time says nothing about the method
+    wall = time.perf_counter() - t0
     if rc != 0:
         tail = "".join(log.read_text().splitlines(keepends=True)[-15:])
         raise RuntimeError(f"bidsharmony ({key}) exited {rc}; see {log}:\n{tail}")
-    LOG.info("%s finished in %.0f s%s", key, time.perf_counter() - t0, " (outputs reused)" if seconds is None else "")
-    return out, seconds
+    # A resumed benchmark whose run wrote nothing: its wall time says nothing about the method.
+    reused = not any(p.stat().st_mtime >= started for p in out.glob("sub-*/**/*_desc-harmonized_T1w.nii.gz"))
+    LOG.info("%s finished in %.0f s%s", key, wall, " (outputs reused)" if reused else "")
+    return out, None if reused else wall
 
 
 def harmonized(out: Path, sub: str, ses: str | None) -> tuple[np.ndarray, dict]:

@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import ClassVar
 
 from bidsharmony.errors import (
     EXIT_CANT_CREATE,
@@ -193,7 +194,7 @@ class ProgressReport:
     finished harmonization or resampling, with its time, so a long run is never silent (a 3D
     harmonization on a CPU takes many minutes; Nipype's own log is quiet without -v)."""
 
-    STEPS = {"harmonize": "harmonized", "resample": "resampled"}
+    STEPS: ClassVar[dict[str, str]] = {"harmonize": "harmonized", "resample": "resampled"}
 
     def __init__(self, wf):
         self.total = {k: sum(1 for n in wf._get_all_nodes() if n.name == k) for k in self.STEPS}

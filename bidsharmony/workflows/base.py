@@ -11,12 +11,15 @@ from bidsharmony.interfaces.report import ReportFigures
 from bidsharmony.workflows.harmonize import init_harmonize_wf
 
 
+def _nipype_safe(text: str) -> str:
+    return re.sub(r"[^a-zA-Z0-9]", "_", text)
+
+
 def run_name(entities: dict) -> str:
     """A Nipype-safe, unique node name for a run: sub_01_ses_2_run_1."""
     from bidsharmony.bids import derivative_name
 
-    stem = derivative_name(entities, desc="x").rsplit("_desc-", 1)[0]
-    return re.sub(r"[^a-zA-Z0-9]", "_", stem)
+    return _nipype_safe(derivative_name(entities, desc="x").rsplit("_desc-", 1)[0])
 
 
 def workflow_name() -> str:
@@ -25,7 +28,7 @@ def workflow_name() -> str:
     otherwise reuse nodes whose outputs no longer match the new workflow's connections."""
     from bidsharmony import __version__
 
-    return "bidsharmony_" + re.sub(r"[^a-zA-Z0-9]", "_", __version__) + "_wf"
+    return f"bidsharmony_{_nipype_safe(__version__)}_wf"
 
 
 def init_bidsharmony_wf(runs, out_dir, model, params=None, device="auto", output_space="native", omp_nthreads=1,

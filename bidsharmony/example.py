@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from importlib.resources import files
 from pathlib import Path
 
 import numpy as np
@@ -24,9 +25,11 @@ SCANNERS = {
 def source_head():
     """(data, affine) of nibabel's example head."""
     import nibabel as nb
-    from nibabel.testing import data_path
 
-    img = nb.load(str(Path(data_path) / "anatomical.nii"))
+    # The file ships inside the nibabel package; nibabel.testing, which also knows where, needs
+    # pytest, which a plain installation does not have.
+    head = files("nibabel") / "tests" / "data" / "anatomical.nii"
+    img = nb.load(str(head))
     return np.asanyarray(img.dataobj, dtype=np.float32), img.affine
 
 

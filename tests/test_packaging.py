@@ -21,4 +21,4 @@ def test_citation_file_matches_the_package():
 def test_licence_text_is_the_one_declared():
     text = (ROOT / "LICENSE").read_text()
     assert "Apache License" in text and "Version 2.0, January 2004" in text
-    assert 'license = { text = "Apache-2.0" }' in (ROOT / "pyproject.toml").read_text()
+    assert '"Apache-2.0"' in (ROOT / "pyproject.toml").read_text()

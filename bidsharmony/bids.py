@@ -23,9 +23,18 @@ from bidsharmony.errors import (
 LOG = logging.getLogger("bidsharmony")
 CODE_URL = "https://github.com/bidsharmony/bidsharmony"
 BIDS_VERSION = "1.10.0"
-# Entities carried from an input T1w into its derivative, in BIDS order.
-CARRIED_ENTITIES = ("subject", "session", "acquisition", "ceagent", "reconstruction", "run")
-_SHORT = {"subject": "sub", "session": "ses", "acquisition": "acq", "ceagent": "ce", "reconstruction": "rec", "run": "run"}
+# Every BIDS entity, in the specification's order (pybids name -> filename key). An input's
+# entities are all carried into its derivative's name, so two inputs never map to one output.
+ENTITY_ORDER = {
+    "subject": "sub", "session": "ses", "sample": "sample", "task": "task", "tracksys": "tracksys",
+    "acquisition": "acq", "nucleus": "nuc", "volume": "voi", "ceagent": "ce", "tracer": "trc", "stain": "stain",
+    "reconstruction": "rec", "direction": "dir", "run": "run", "modality": "mod", "echo": "echo", "flip": "flip",
+    "inversion": "inv", "mtransfer": "mt", "part": "part", "processing": "proc", "hemisphere": "hemi",
+    "space": "space", "split": "split", "recording": "recording", "chunk": "chunk", "segmentation": "seg",
+    "resolution": "res", "density": "den", "label": "label", "description": "desc",
+}  # fmt: skip
+_LONG = {short: long for long, short in ENTITY_ORDER.items()}
+_SET_BY_US = ("resolution", "description")  # the derivative's own res- and desc-
 _LABEL = re.compile(r"^[a-zA-Z0-9]+$")
 RAW_DATASET = "raw"  # name of the input dataset in DatasetLinks and BIDS URIs
 
@@ -60,10 +69,17 @@ def check_dataset(bids_dir: Path, skip_validation: bool) -> None:
 
 
 def check_output_dir(bids_dir: Path, out_dir: Path) -> None:
+    """Refuse an OUT_DIR that would write into another dataset (rules: docs/robustness.md,
+    "Where bidsharmony writes"), then create it and prove it writable."""
     bids_dir, out_dir = bids_dir.resolve(), out_dir.resolve()
     if out_dir == bids_dir or bids_dir in out_dir.parents:
         # The input dataset is never written: not even a derivatives/ folder inside it.
         raise OutputError(f"{out_dir}: output directory is inside the BIDS directory {bids_dir}; choose a folder outside it")
+    if out_dir in bids_dir.parents:
+        # Cleanup and outputs walk OUT_DIR: the input dataset must not be below it.
+        raise OutputError(f"{out_dir}: output directory contains the BIDS directory {bids_dir}; choose a folder beside it")
+    if out_dir.is_dir():
+        check_not_foreign(out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -75,6 +91,66 @@ def check_output_dir(bids_dir: Path, out_dir: Path) -> None:
             pass
     except OSError as e:
         raise OutputError(f"{out_dir}: output directory is not writable ({e.strerror})") from None
+
+
+def _generated_by(desc: dict) -> list[str]:
+    gen = desc.get("GeneratedBy") or desc.get("PipelineDescription") or []
+    gen = [gen] if isinstance(gen, dict) else gen
+    return [str(g.get("Name", "")) for g in gen if isinstance(g, dict)]
+
+
+def _read_description(path: Path):
+    try:
+        desc = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return None, f"unreadable ({type(e).__name__})"
+    return (desc, None) if isinstance(desc, dict) else (None, "not a JSON object")
+
+
+def check_not_foreign(out_dir: Path) -> None:
+    """OUT_DIR may be new, empty, or bidsharmony's own derivatives; never another dataset.
+
+    A raw dataset (``DatasetType`` raw or absent) or another program's derivatives is refused —
+    swapped arguments or a link to raw data would otherwise replace its description and write
+    outputs and a work directory into it. A folder with ``sub-*`` entries and no description is
+    refused too: it is not something bidsharmony made (it writes the description first).
+    """
+    desc_path = out_dir / "dataset_description.json"
+    if desc_path.is_file():
+        desc, problem = _read_description(desc_path)
+        if desc is None:
+            raise OutputError(f"{desc_path}: {problem}; OUT_DIR must be empty or a bidsharmony output folder")
+        kind = desc.get("DatasetType", "raw")
+        if kind != "derivative":
+            raise OutputError(f"{out_dir}: is a {kind} BIDS dataset ({desc.get('Name', 'unnamed')!r}), not an output folder; "
+                              "choose an empty folder (BIDS_DIR and OUT_DIR swapped?)")
+        names = _generated_by(desc)
+        if "bidsharmony" not in names:
+            raise OutputError(f"{out_dir}: is a derivatives dataset written by {', '.join(names) or 'an unknown program'}, "
+                              "not by bidsharmony; choose an empty folder")
+    elif any(out_dir.glob("sub-*")):
+        raise OutputError(f"{out_dir}: holds sub-* entries but no dataset_description.json, so it is not a bidsharmony "
+                          "output folder; choose an empty folder")
+
+
+def check_input_kind(bids_dir: Path) -> None:
+    """BIDS_DIR should be raw data: bidsharmony's own outputs as input mean swapped arguments (an
+    error); another program's derivatives may be meant (a warning)."""
+    desc, _ = _read_description(bids_dir / "dataset_description.json")
+    if not desc or desc.get("DatasetType") != "derivative":
+        return
+    names = _generated_by(desc)
+    if "bidsharmony" in names:
+        raise UsageError(f"{bids_dir}: is a bidsharmony output folder, not raw data; BIDS_DIR and OUT_DIR swapped?")
+    LOG.warning("%s: is a derivatives dataset (%s), not raw data; harmonizing its T1w images as given",
+                bids_dir, ", ".join(names) or "unknown program")
+
+
+def check_work_dir(bids_dir: Path, work_dir: Path) -> None:
+    """The work directory (tens of MB per run) is never inside the input dataset."""
+    bids_real, work_real = bids_dir.resolve(), work_dir.resolve()
+    if work_real == bids_real or bids_real in work_real.parents:
+        raise OutputError(f"{work_dir}: work directory is inside the BIDS directory {bids_real}; choose a folder outside it")
 
 
 def load_filters(path: Path | None) -> dict:
@@ -99,8 +175,9 @@ def load_filters(path: Path | None) -> dict:
 SCANNER_FIELDS = ("Manufacturer", "ManufacturersModelName", "MagneticFieldStrength", "InstitutionName", "StationName")
 
 
-def collect_t1w(bids_dir: Path, participants=None, sessions=None, filters=None) -> list[dict]:
-    """T1w runs as dicts: {'path', 'entities', 'relpath', 'scanner'}, sorted by path."""
+def collect_t1w(bids_dir: Path, participants=None, sessions=None, filters=None, filter_file=None) -> list[dict]:
+    """T1w runs as dicts: {'path', 'entities', 'relpath', 'scanner'}, sorted by path.
+    ``filter_file``: where ``filters`` came from, named in their errors."""
     from bids import BIDSLayout
 
     try:
@@ -112,6 +189,11 @@ def collect_t1w(bids_dir: Path, participants=None, sessions=None, filters=None) 
         missing = sorted(set(participants) - subjects)
         if missing:
             raise MissingInputError(f"{bids_dir}: participant(s) not found: {', '.join('sub-' + m for m in missing)}")
+    source = filter_file or "BIDS filter"
+    unknown = sorted(set(filters or {}) - set(layout.get_entities()))
+    if unknown:  # pybids' own error names neither the file nor the entities one may use
+        raise UsageError(f"{source}: unknown entity {', '.join(map(repr, unknown))} in the 't1w' filter; "
+                         f"entities of {bids_dir}: {', '.join(sorted(layout.get_entities()))}")
     query = {"datatype": "anat", "extension": [".nii", ".nii.gz"]}
     query.update(filters or {})
     query.update(suffix="T1w", return_type="object")
@@ -122,10 +204,10 @@ def collect_t1w(bids_dir: Path, participants=None, sessions=None, filters=None) 
     try:
         files = layout.get(**query)
     except (ValueError, TypeError, KeyError) as e:
-        raise UsageError(f"invalid BIDS filter ({e})") from None
+        raise UsageError(f"{source}: invalid 't1w' filter {filters} ({e})") from None
     runs = []
     for f in sorted(files, key=lambda f: f.path):
-        ents = {k: f.entities[k] for k in CARRIED_ENTITIES if k in f.entities}
+        ents = filename_entities(f.filename, f.entities)
         meta = layout.get_metadata(f.path)  # with BIDS inheritance
         scanner = {k: meta[k] for k in SCANNER_FIELDS if k in meta}
         runs.append({"path": f.path, "entities": ents, "relpath": f.relpath, "scanner": scanner})
@@ -141,8 +223,31 @@ def collect_t1w(bids_dir: Path, participants=None, sessions=None, filters=None) 
     return runs
 
 
+def filename_entities(filename: str, known: dict | None = None) -> dict:
+    """Every entity in a BIDS filename, as {pybids name: value} in filename order; values that
+    pybids parsed (``known``: typed, e.g. run as an int) are preferred over the raw text."""
+    known = known or {}
+    ents = {}
+    for part in Path(filename).name.split(".")[0].split("_")[:-1]:  # the last part is the suffix
+        key, sep, value = part.partition("-")
+        if sep and value:
+            name = _LONG.get(key, key)
+            ents[name] = known.get(name, value)
+    return ents
+
+
+def run_stem(entities: dict) -> str:
+    """The input's entities as a filename stem (sub-01_ses-1_run-2): one name per run."""
+    def order(name):
+        keys = list(ENTITY_ORDER)
+        return keys.index(name) if name in ENTITY_ORDER else len(keys)
+
+    names = sorted((k for k in entities if k not in _SET_BY_US and entities[k] not in (None, "")), key=order)
+    return "_".join(f"{ENTITY_ORDER.get(k, k)}-{entities[k]}" for k in names)
+
+
 def derivative_name(entities: dict, desc: str = "harmonized", suffix: str = "T1w", extension: str = ".nii.gz", res: str | None = None) -> str:
-    parts = [f"{_SHORT[k]}-{entities[k]}" for k in CARRIED_ENTITIES if entities.get(k) not in (None, "")]
+    parts = [run_stem(entities)]
     if res:
         parts.append(f"res-{res}")
     parts.append(f"desc-{desc}")
@@ -181,4 +286,4 @@ def write_dataset_description(out_dir: Path, bids_dir: Path) -> None:
                 LOG.warning("%s: output directory previously received results from another dataset", path)
         except (OSError, json.JSONDecodeError):
             pass
-    atomic_write_text(path, json.dumps(desc, indent=2) + "\n")
+    atomic_write_text(path, json.dumps(desc, indent=2) + "\n", root=out_dir)

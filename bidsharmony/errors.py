@@ -8,6 +8,7 @@ EXIT_NO_FILES = 18
 EXIT_USAGE = 64
 EXIT_NO_INPUT = 66
 EXIT_CANT_CREATE = 73
+EXIT_BUSY = 75
 
 # The documented meaning of each exit code (README, Boutiques descriptor).
 EXIT_CODES = {
@@ -18,7 +19,8 @@ EXIT_CODES = {
     EXIT_NO_FILES: "the selection (labels, sessions, filters) matched no T1w image",
     EXIT_USAGE: "usage error (bad option or value, invalid label such as ../x, invalid filter file)",
     EXIT_NO_INPUT: "missing or unreadable input (BIDS_DIR, participant, NIfTI, model folder)",
-    EXIT_CANT_CREATE: "cannot create output (OUT_DIR inside BIDS_DIR, not writable)",
+    EXIT_CANT_CREATE: "cannot create output (OUT_DIR inside or around BIDS_DIR, another dataset, a link leading outside OUT_DIR, not writable)",
+    EXIT_BUSY: "a participant is being processed by another run into the same OUT_DIR (try again when it is done)",
 }
 
 
@@ -50,6 +52,12 @@ class MissingInputError(BidsHarmonyError):
 
 class OutputError(BidsHarmonyError):
     exit_code = EXIT_CANT_CREATE
+
+
+class BusyError(BidsHarmonyError):
+    """Another live run holds the participant's lock in OUT_DIR."""
+
+    exit_code = EXIT_BUSY
 
 
 class ImageError(MissingInputError):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,29 @@ COLUMNS = ("file", "scanner", "manufacturer", "model_name", "field_strength", "s
            "slices_harmonized", "fallback_slices", "seconds", "similarity_to_input", "histogram_distance_before",
            "histogram_distance_after", "slice_step_ratio")  # fmt: skip
 SUMMARY_METRICS = ("similarity_to_input", "histogram_distance_before", "histogram_distance_after", "slice_step_ratio", "seconds")
+LOG = logging.getLogger("bidsharmony")
+_SIDECAR_OBJECTS = ("Model", "Quality", "SourceScanner", "Parameters")
+_SIDECAR_NUMBERS = ("SlicesHarmonized", "SlicesTotal", "FallbackSlices", "HarmonizationSeconds")
+
+
+def read_sidecar(path: Path) -> dict:
+    """A run's ``*_desc-harmonized_T1w.json``, checked for what the reports read; ValueError(cause)
+    when it is not. bidsharmony writes sidecars atomically, so a broken one was damaged or edited
+    since: the reports skip it with a warning naming it rather than lose every other run."""
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"not valid JSON ({type(e).__name__}: {' '.join(str(e).split())})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"not a JSON object but {type(meta).__name__}")
+    for key in _SIDECAR_OBJECTS:
+        if meta.get(key) is not None and not isinstance(meta[key], dict):
+            raise ValueError(f"{key} is {type(meta[key]).__name__}, not an object")
+    numbers = [(k, meta.get(k)) for k in _SIDECAR_NUMBERS] + [(f"Quality.{k}", v) for k, v in (meta.get("Quality") or {}).items()]
+    for key, value in numbers:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ValueError(f"{key} is {value!r}, not a number")
+    return meta
 
 
 def scanner_label(scanner: dict) -> str:
@@ -32,12 +56,20 @@ def scanner_label(scanner: dict) -> str:
     return label or "unknown scanner"
 
 
-def collect_rows(out_dir) -> list[dict]:
+def collect_rows(out_dir, skipped: list | None = None) -> list[dict]:
+    """One row per readable sidecar; a broken one is logged and appended to ``skipped`` as
+    (relative path, cause)."""
     out_dir = Path(out_dir)
     rows = []
     for sidecar in sorted(out_dir.glob("sub-*/**/anat/*_desc-harmonized_T1w.json")):
-        meta = json.loads(sidecar.read_text())
-        model, quality, scanner = meta.get("Model", {}), meta.get("Quality", {}), meta.get("SourceScanner", {})
+        try:
+            meta = read_sidecar(sidecar)
+        except ValueError as e:
+            LOG.warning("%s: skipped: %s", sidecar, e)
+            if skipped is not None:
+                skipped.append((sidecar.relative_to(out_dir).as_posix(), str(e)))
+            continue
+        model, quality, scanner = meta.get("Model") or {}, meta.get("Quality") or {}, meta.get("SourceScanner") or {}
         rows.append({
             "file": sidecar.relative_to(out_dir).as_posix().replace(".json", ".nii.gz"),
             "scanner": scanner_label(scanner),
@@ -56,6 +88,9 @@ def collect_rows(out_dir) -> list[dict]:
             "histogram_distance_after": quality.get("HistogramDistanceAfter"),
             "slice_step_ratio": quality.get("SliceStepRatio"),
         })  # fmt: skip
+    if not rows and skipped:
+        raise NoFilesError(f"{out_dir}: no readable harmonized outputs ({len(skipped)} broken sidecar(s), e.g. {skipped[0][0]}: "
+                           f"{skipped[0][1]})")
     if not rows:
         raise NoFilesError(f"{out_dir}: no harmonized outputs found; run the participant level first")
     return rows
@@ -101,7 +136,7 @@ def plot_group(out_dir: Path, rows: list[dict]) -> list[Path]:
     fig.legend(handles=handles, loc="upper center", ncol=min(len(scanners), 4), frameon=False, fontsize=8)
     fig.tight_layout(rect=(0, 0, 1, 0.9))
     path = out_dir / "figures" / "group_metrics.png"
-    atomic_save(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    atomic_save(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"), root=out_dir)
     plt.close(fig)
     return [path]
 
@@ -111,12 +146,13 @@ def write_group_summary(out_dir) -> Path:
     from bidsharmony.reports.html import write_group_report
 
     out_dir = Path(out_dir)
-    rows = collect_rows(out_dir)
+    skipped: list[tuple[str, str]] = []
+    rows = collect_rows(out_dir, skipped)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=COLUMNS, delimiter="\t", lineterminator="\n")
     writer.writeheader()
     writer.writerows([{k: ("n/a" if v is None else v) for k, v in r.items()} for r in rows])
     path = out_dir / "group.tsv"
-    atomic_write_text(path, buf.getvalue())
-    write_group_report(out_dir, rows, summarise(rows), plot_group(out_dir, rows))
+    atomic_write_text(path, buf.getvalue(), root=out_dir)
+    write_group_report(out_dir, rows, summarise(rows), plot_group(out_dir, rows), skipped=skipped)
     return path

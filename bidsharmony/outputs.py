@@ -1,14 +1,19 @@
-"""Atomic writes: outputs appear complete or not at all (write aside in the same folder, rename)."""
+"""Where and how bidsharmony writes: atomic writes (outputs appear complete or not at all: written
+aside in the same folder, then renamed), containment (nothing lands outside OUT_DIR, whatever
+symbolic links it holds), the cleanup of a killed run's partial files, and per-participant locks."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
+import socket
+import time
 from pathlib import Path
 
-from bidsharmony.errors import OutputError
+from bidsharmony.errors import BusyError, OutputError
 
 _PARTIAL = re.compile(r"^\..+\.(\d+)\.partial")
 
@@ -33,9 +38,23 @@ def _mkdir(folder: Path) -> None:
         raise OutputError(f"{folder}: cannot create ({e.strerror})") from None
 
 
-def atomic_save(path, write) -> None:
-    """``write(tmp_path)`` then rename into place; the partial file never survives a failure."""
+def ensure_inside(path, root) -> Path:
+    """``path``, if it resolves (symbolic links followed) inside ``root``; else OutputError. A link
+    such as ``OUT/sub-01 -> BIDS/sub-01`` would otherwise send outputs into the input dataset."""
+    path, root = Path(path), Path(root)
+    real, real_root = path.resolve(), root.resolve()
+    if real != real_root and real_root not in real.parents:
+        raise OutputError(f"{path}: resolves to {real}, outside the output directory {real_root} "
+                          "(a symbolic link?); refusing to write there")
+    return path
+
+
+def atomic_save(path, write, root=None) -> None:
+    """``write(tmp_path)`` then rename into place; the partial file never survives a failure.
+    With ``root``, the destination must resolve inside it (``ensure_inside``)."""
     path = Path(path)
+    if root is not None:
+        ensure_inside(path, root)
     _mkdir(path.parent)
     tmp = _tmp_for(path)
     try:
@@ -49,16 +68,16 @@ def atomic_save(path, write) -> None:
     _replace(tmp, path)
 
 
-def atomic_write_text(path, text: str) -> None:
-    atomic_save(path, lambda tmp: Path(tmp).write_text(text))
+def atomic_write_text(path, text: str, root=None) -> None:
+    atomic_save(path, lambda tmp: Path(tmp).write_text(text), root=root)
 
 
-def atomic_write_json(path, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+def atomic_write_json(path, obj, root=None) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n", root=root)
 
 
-def atomic_copy(src, path) -> None:
-    atomic_save(path, lambda tmp: shutil.copyfile(src, tmp))
+def atomic_copy(src, path, root=None) -> None:
+    atomic_save(path, lambda tmp: shutil.copyfile(src, tmp), root=root)
 
 
 def _alive(pid: int) -> bool:
@@ -71,13 +90,78 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _own_folders(out_dir: Path):
+    """The folders of OUT_DIR that bidsharmony writes into (top level, figures/, logs/,
+    sub-*/[ses-*/]{anat,figures}/), never through a symbolic link: the cleanup below must not
+    reach a file that another program (or the input dataset) owns."""
+    def real_dirs(paths):
+        return [p for p in paths if p.is_dir() and not p.is_symlink()]
+
+    top = [out_dir]
+    subs = real_dirs(out_dir.glob("sub-*"))
+    sessions = real_dirs(d for s in subs for d in s.glob("ses-*"))
+    leaves = real_dirs(d / leaf for d in subs + sessions for leaf in ("anat", "figures"))
+    return top + real_dirs([out_dir / "figures", out_dir / "logs"]) + subs + sessions + leaves
+
+
 def remove_stale_partials(out_dir) -> list[Path]:
-    """Delete partial files that a killed run left behind (SIGKILL skips every cleanup). A partial
-    file whose writer is still alive belongs to a concurrent run into the same folder: kept."""
+    """Delete partial files that a killed run left behind (SIGKILL skips every cleanup), in the
+    folders bidsharmony writes only. A partial file whose writer is still alive belongs to a
+    concurrent run into the same folder: kept."""
     removed = []
-    for p in Path(out_dir).rglob(".*.partial*"):
-        m = _PARTIAL.match(p.name)
-        if m and p.is_file() and not _alive(int(m.group(1))):
-            p.unlink(missing_ok=True)
-            removed.append(p)
+    for folder in _own_folders(Path(out_dir)):
+        for p in sorted(folder.glob(".*.partial*")):
+            m = _PARTIAL.match(p.name)
+            if m and p.is_file() and not p.is_symlink() and not _alive(int(m.group(1))):
+                p.unlink(missing_ok=True)
+                removed.append(p)
     return removed
+
+
+LOCKS = ".bidsharmony-locks"
+
+
+@contextlib.contextmanager
+def participant_locks(out_dir, subjects):
+    """Hold an exclusive lock per participant in OUT_DIR for the duration of a run: two runs on
+    the same participant would otherwise share work nodes and outputs and the second would die
+    inside Nipype. A lock dies with its process (``flock``), so a killed run never leaves a stale
+    one. BusyError names the participant and the holder."""
+    import fcntl
+
+    folder = Path(out_dir) / LOCKS
+    _mkdir(folder)
+    held = []
+    try:
+        for subject in sorted(set(subjects)):
+            path = folder / f"sub-{subject}.lock"
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another run"
+                os.close(fd)
+                raise BusyError(f"{Path(out_dir)}: sub-{subject} is being processed by {holder}; "
+                                "wait for it to finish (or stop it), then rerun") from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"bidsharmony pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode(), 0)
+            held.append(fd)
+        yield
+    finally:
+        for fd in held:
+            os.close(fd)  # closing releases the lock; the file stays (removing it would race)
+
+
+def check_output_paths(out_dir, runs) -> None:
+    """Before any work: every place a participant run will write (its derivative folder, figures,
+    report, the dataset description) resolves inside OUT_DIR. Refuses in one line what the
+    writers would refuse after minutes of work."""
+    from bidsharmony.bids import derivative_path
+
+    out_dir = Path(out_dir)
+    places = [out_dir / "dataset_description.json"]
+    for run in runs:
+        subject = out_dir / f"sub-{run['entities']['subject']}"
+        places += [derivative_path(out_dir, run["entities"]), subject / "figures", subject.with_name(subject.name + ".html")]
+    for place in places:
+        ensure_inside(place, out_dir)

@@ -34,7 +34,10 @@ def _setup_logging(verbose: int, log_dir: Path | None = None) -> None:
     LOG.setLevel(level)
     LOG.propagate = False
     if log_dir is not None:
-        log_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            log_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OutputError(f"{log_dir}: cannot create the log directory ({e.strerror})") from None
         fh = logging.FileHandler(log_dir / f"bidsharmony-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log")
         fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s: %(message)s"))
         LOG.addHandler(fh)
@@ -64,7 +67,10 @@ def _nipype_config(opts, work_dir: Path, log_dir: Path) -> None:
         },
     }
     cfg_dir = work_dir / "nipype-config"
-    cfg_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        cfg_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"{work_dir}: cannot create the work directory ({e.strerror})") from None
     parser = configparser.ConfigParser()
     parser.read_dict(settings)
     with open(cfg_dir / "nipype.cfg", "w") as f:
@@ -104,6 +110,106 @@ def _request_resources(wf, plugin: str, node_args: dict) -> None:
         node.plugin_args = args
 
 
+# The smallest --mem a run can work in: the largest mem_gb every workflow declares (resample and
+# reassemble; tests/test_robustness.py keeps it in step with the built workflows). MultiProc never
+# schedules a node that asks for more than is free, so less would run forever, or not at all.
+MIN_MEM_GB = 1.5
+_PLUGIN_KEYS = ("plugin", "plugin_args", "node_plugin_args")
+
+
+def _plugin_names() -> list[str]:
+    """The plugins Nipype can run (``nipype.pipeline.plugins.<Name>Plugin``)."""
+    from nipype.pipeline import plugins
+
+    return sorted(n[: -len("Plugin")] for n in dir(plugins) if n.endswith("Plugin") and n != "Plugin"
+                  and isinstance(getattr(plugins, n), type))  # fmt: skip
+
+
+def _check_args(path, where: str, args) -> dict:
+    """plugin_args (or one node's): a mapping; scheduler flags (``*_args``) are strings (they are
+    joined with each node's request); counts are positive integers; memory_gb a positive number."""
+    if args is None:
+        return {}
+    if not isinstance(args, dict) or not all(isinstance(k, str) for k in args):
+        raise UsageError(f"{path}: {where} must be a mapping of option names to values, got {type(args).__name__}")
+    for k, v in args.items():
+        if k.endswith("_args") and not isinstance(v, str):
+            raise UsageError(f"{path}: {where}.{k} must be a string of scheduler flags, got {v!r}")
+        if k in ("n_procs", "n_gpu_procs", "max_jobs") and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise UsageError(f"{path}: {where}.{k} must be a positive integer, got {v!r}")
+        if k == "memory_gb" and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0):
+            raise UsageError(f"{path}: {where}.memory_gb must be a positive number, got {v!r}")
+    return dict(args)
+
+
+def read_plugin_file(path: Path) -> tuple[str, dict, dict]:
+    """A ``--use-plugin`` YAML, checked whole: (plugin, plugin_args, node_plugin_args).
+
+    Checked before anything is written (fMRIPrep's format: ``plugin``, ``plugin_args``; plus
+    ``node_plugin_args`` by node name), so a typo fails at once rather than after the first nodes.
+    """
+    import yaml
+
+    if not path.is_file():
+        raise UsageError(f"{path}: plugin file not found")
+    try:
+        spec = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise UsageError(f"{path}: not a readable YAML file ({' '.join(str(e).split())})") from None
+    if not isinstance(spec, dict) or "plugin" not in spec:
+        raise UsageError(f"{path}: not a Nipype plugin YAML with a 'plugin' key (e.g. plugin: SLURM)")
+    unknown = sorted(str(k) for k in spec if k not in _PLUGIN_KEYS)
+    if unknown:
+        raise UsageError(f"{path}: unknown key(s) {', '.join(unknown)}; a plugin YAML has {', '.join(_PLUGIN_KEYS)}")
+    names = _plugin_names()
+    if spec["plugin"] not in names:
+        raise UsageError(f"{path}: unknown Nipype plugin {spec['plugin']!r}; choose one of {', '.join(names)}")
+    args = _check_args(path, "plugin_args", spec.get("plugin_args"))
+    node_args = spec.get("node_plugin_args")
+    if node_args is not None and not isinstance(node_args, dict):
+        raise UsageError(f"{path}: node_plugin_args must map node names to plugin_args")
+    node_args = {str(k): _check_args(path, f"node_plugin_args.{k}", v) for k, v in (node_args or {}).items()}
+    return spec["plugin"], args, node_args
+
+
+def _check_memory(path_or_flag: str, memory_gb: float, need_gb: float, what: str) -> None:
+    if memory_gb < need_gb:
+        raise UsageError(f"{path_or_flag}: {memory_gb:g} GB is less than {what} needs ({need_gb:g} GB); "
+                         f"give at least {need_gb:g}GB")
+
+
+def _check_not_a_file(path: Path, what: str, ancestors: bool = True) -> None:
+    """Refuse a directory to be created where a file is (itself or, with ``ancestors``, a parent),
+    before anything is written: mkdir would fail later with a traceback."""
+    for p in (path, *path.parents) if ancestors else (path,):
+        if p.exists() or p.is_symlink():
+            if not p.is_dir():
+                raise OutputError(f"{p}: exists and is not a directory; cannot create the {what}"
+                                  + ("" if p == path else f" {path}"))
+            return
+
+
+def check_options(opts) -> None:
+    """What can be refused from the options alone, before OUT_DIR or the work directory is written:
+    the plugin YAML, a --mem below what one node needs, a file where a directory will be created."""
+    if opts.analysis_level == "group":
+        _check_not_a_file(opts.output_dir / "logs", "log directory", ancestors=False)
+        return
+    memory = opts.mem
+    if opts.use_plugin is not None:
+        plugin, args, _ = read_plugin_file(opts.use_plugin)
+        if plugin == "MultiProc" and "memory_gb" in args:
+            _check_memory(f"{opts.use_plugin}: plugin_args.memory_gb", args["memory_gb"], MIN_MEM_GB, "the largest node")
+            memory = None
+    if memory is not None:
+        _check_memory("--mem", memory, MIN_MEM_GB, "the largest node")
+    _check_not_a_file(opts.output_dir / "logs", "log directory", ancestors=False)
+    if opts.work_dir is None:
+        _check_not_a_file(opts.output_dir / ".bidsharmony-work", "work directory", ancestors=False)
+    else:
+        _check_not_a_file(opts.work_dir.absolute(), "work directory")
+
+
 def _plugin(opts, nprocs: int) -> tuple[str, dict]:
     # forkserver: the parent has already used torch (model checks), and forking a process whose
     # OpenMP pool is initialised deadlocks its children.
@@ -112,19 +218,7 @@ def _plugin(opts, nprocs: int) -> tuple[str, dict]:
         plugin_args["memory_gb"] = opts.mem
     if opts.use_plugin is None:
         return ("MultiProc" if nprocs > 1 else "Linear"), plugin_args
-    import yaml
-
-    if not opts.use_plugin.is_file():
-        raise UsageError(f"{opts.use_plugin}: plugin file not found")
-    try:
-        spec = yaml.safe_load(opts.use_plugin.read_text()) or {}
-        plugin = spec["plugin"]
-    except (yaml.YAMLError, KeyError, TypeError) as e:
-        raise UsageError(f"{opts.use_plugin}: not a Nipype plugin YAML with a 'plugin' key ({e})") from None
-    args = dict(spec.get("plugin_args") or {})
-    node_args = spec.get("node_plugin_args") or {}
-    if not isinstance(node_args, dict) or not all(isinstance(v, dict) for v in node_args.values()):
-        raise UsageError(f"{opts.use_plugin}: node_plugin_args must map node names to plugin_args")
+    plugin, args, node_args = read_plugin_file(opts.use_plugin)
     args["node_plugin_args"] = node_args
     if plugin == "MultiProc":
         args = {**plugin_args, **args}
@@ -156,7 +250,7 @@ def _select_runs(opts):
     participants = [bids.clean_label(x, "sub") for x in opts.participant_label or []]
     sessions = [bids.clean_label(x, "ses") for x in opts.session_label or []]
     filters = bids.load_filters(opts.bids_filter_file)
-    return bids.collect_t1w(opts.bids_dir, participants, sessions, filters)
+    return bids.collect_t1w(opts.bids_dir, participants, sessions, filters, filter_file=opts.bids_filter_file)
 
 
 def _check_images(runs) -> None:
@@ -168,6 +262,10 @@ def _check_images(runs) -> None:
 
 def _execute(wf, opts, nprocs: int, log_dir: Path):
     plugin, plugin_args = _plugin(opts, nprocs)
+    if plugin_args.get("memory_gb") is not None:  # the exact figure: a harmonize node can ask more than MIN_MEM_GB
+        node = max(wf._get_all_nodes(), key=lambda n: n.mem_gb)
+        label = "--mem" if plugin_args["memory_gb"] == opts.mem else f"{opts.use_plugin}: plugin_args.memory_gb"
+        _check_memory(label, plugin_args["memory_gb"], node.mem_gb, f"the {node.name} node")
     _request_resources(wf, plugin, plugin_args.pop("node_plugin_args", {}))
     # Nipype's batch plugins name jobs after $LOGNAME, which containers and CI often lack.
     os.environ.setdefault("LOGNAME", os.environ.get("USER") or "bidsharmony")
@@ -240,7 +338,7 @@ def run_participant(opts, nprocs: int, omp: int, work_dir: Path, log_dir: Path) 
     from bidsharmony.device import resolve_device
     from bidsharmony.flow.checkpoint import load_model
     from bidsharmony.models import default_model
-    from bidsharmony.outputs import remove_stale_partials
+    from bidsharmony.outputs import check_output_paths, participant_locks, remove_stale_partials
     from bidsharmony.workflows.base import init_bidsharmony_wf
 
     runs = _select_runs(opts)
@@ -263,17 +361,20 @@ def run_participant(opts, nprocs: int, omp: int, work_dir: Path, log_dir: Path) 
         name, sha = loaded.name, loaded.sha256
         params = _harmonize_params(opts, device)
     LOG.info("%d T1w run(s); %s model %s (sha256 %s…); device %s", len(runs), opts.method, name, sha[:12], device)
-    write_dataset_description(opts.output_dir, opts.bids_dir)
-    remove_stale_partials(opts.output_dir)
-    wf = init_bidsharmony_wf(runs, opts.output_dir, model, params, device=device, output_space=opts.output_space,
-                             omp_nthreads=omp, method=opts.method)
-    wf.base_dir = str(work_dir)
-    t0 = time.perf_counter()
-    _execute(wf, opts, nprocs, log_dir)
-    from bidsharmony.reports.html import write_participant_report
+    subjects = sorted({r["entities"]["subject"] for r in runs})
+    check_output_paths(opts.output_dir, runs)
+    with participant_locks(opts.output_dir, subjects):
+        write_dataset_description(opts.output_dir, opts.bids_dir)
+        remove_stale_partials(opts.output_dir)
+        wf = init_bidsharmony_wf(runs, opts.output_dir, model, params, device=device, output_space=opts.output_space,
+                                 omp_nthreads=omp, method=opts.method)
+        wf.base_dir = str(work_dir)
+        t0 = time.perf_counter()
+        _execute(wf, opts, nprocs, log_dir)
+        from bidsharmony.reports.html import write_participant_report
 
-    for subject in sorted({r["entities"]["subject"] for r in runs}):
-        LOG.info("report: %s", write_participant_report(opts.output_dir, subject))
+        for subject in subjects:
+            LOG.info("report: %s", write_participant_report(opts.output_dir, subject))
     LOG.info("harmonized %d run(s) in %.1f s; outputs in %s", len(runs), time.perf_counter() - t0, opts.output_dir)
     return EXIT_OK
 
@@ -331,7 +432,12 @@ def run_train(opts, nprocs: int, omp: int, work_dir: Path, log_dir: Path) -> int
         },
     }
     extras = {"start_images": tdata.mean_start_images(train), "target_histogram": tdata.intensity_histogram(train)}
-    summary = train_flow(train, val, cfg, opts.output_dir, device=device, extras=extras, meta=meta, progress=sys.stderr.isatty() or opts.verbose > 0)
+    from bidsharmony.flow.checkpoint import new_stage, publish_training
+
+    stage = new_stage(opts.output_dir, "training")  # built aside, resumable, swapped in when finished
+    summary = train_flow(train, val, cfg, stage, device=device, extras=extras, meta=meta, progress=sys.stderr.isatty() or opts.verbose > 0,
+                         overwrite=opts.overwrite)  # fmt: skip
+    publish_training(stage, opts.output_dir)
     LOG.info("trained %d steps in %.0f s; best validation %.4f bits/dim; model in %s", summary["steps"], summary["seconds"], summary["best_val_bpd"], opts.output_dir)
     return EXIT_OK
 
@@ -361,7 +467,10 @@ def _train_bhdiff(opts, runs, device: str, nprocs: int, work_dir: Path, log_dir:
     cfg = BHDiffTrainConfig(preset=opts.bhdiff_preset, steps=opts.steps, batch_size=opts.train_batch_size,
                             learning_rate=opts.learning_rate, patch=opts.train_patch,
                             checkpoint_every=opts.checkpoint_every, seed=opts.random_seed, amp=opts.amp)  # fmt: skip
-    result = train_bhdiff(prepared, cfg, opts.output_dir, device=device, progress=opts.verbose > 0)
+    from bidsharmony.flow.checkpoint import new_stage, publish_training
+
+    stage = new_stage(opts.output_dir, "training")  # built aside, resumable, swapped in when finished
+    result = train_bhdiff(prepared, cfg, stage, device=device, progress=opts.verbose > 0, overwrite=opts.overwrite)
     meta = {"name": opts.output_dir.resolve().name, "preset": opts.bhdiff_preset, "software_version": __version__,
             "method": "bhdiff", "target_histogram": [round(float(x), 5) for x in hist],
             "training": {**asdict(cfg), "device": device, "seconds_last_run": round(result["seconds"], 1),
@@ -370,7 +479,8 @@ def _train_bhdiff(opts, runs, device: str, nprocs: int, work_dir: Path, log_dir:
                               "subjects": sorted({r["entities"]["subject"] for r in runs})},
             "preprocessing": {"voxel_size": 1.2, "orientation": "RAS", "intensity": "head 0.5/99.5 % to [-1, 1], clipped",
                               "edges": "3D Canny on the rank-transformed head (bidsharmony.bhdiff.edges)"}}  # fmt: skip
-    save_bhdiff_model(opts.output_dir, result["ema"], meta)
+    save_bhdiff_model(stage, result["ema"], meta)
+    publish_training(stage, opts.output_dir)
     LOG.info("trained %d steps in %.0f s; model in %s", result["steps"], result["seconds"], opts.output_dir)
     return EXIT_OK
 
@@ -416,10 +526,27 @@ def _main(opts) -> int:
 
         if opts.analysis_level != "group":
             bids.check_dataset(opts.bids_dir, opts.skip_bids_validation)
+            bids.check_input_kind(opts.bids_dir)
+        check_options(opts)
+        if opts.analysis_level == "train":
+            from bidsharmony.models import check_training_folder
+
+            check_training_folder(opts.output_dir, opts.overwrite)  # before OUT_DIR, logs or work are written
         bids.check_output_dir(opts.bids_dir, opts.output_dir)
-        log_dir = opts.output_dir / "logs"
+        from bidsharmony.outputs import ensure_inside
+
+        log_dir = ensure_inside(opts.output_dir / "logs", opts.output_dir)
         _setup_logging(opts.verbose, log_dir)
-        work_dir = (opts.work_dir or opts.output_dir / ".bidsharmony-work").absolute()
+        work_dir = (opts.work_dir or ensure_inside(opts.output_dir / ".bidsharmony-work", opts.output_dir)).absolute()
+        bids.check_work_dir(opts.bids_dir, work_dir)
+        if opts.analysis_level != "group" and not opts.skip_bids_validation:
+            from bidsharmony.validation import validate_dataset
+
+            validate_dataset(opts.bids_dir, log_dir)  # the BIDS validator, as fMRIPrep runs it
+        if opts.analysis_level != "train":
+            from bidsharmony.validation import write_bidsignore
+
+            write_bidsignore(opts.output_dir, work_dir)  # reports, figures and logs are not BIDS
         nprocs = opts.nprocs or os.cpu_count() or 1
         omp = min(opts.omp_nthreads or min(8, nprocs), nprocs)
         if opts.analysis_level != "group":

@@ -38,12 +38,13 @@ class DerivativesSink(SimpleInterface):
             else "T1w harmonized to the model's target domain with a normalizing-flow prior (BlindHarmony)",
             "Sources": [bids_uri(self.inputs.source_relpath)],
             "OutputSpace": "native grid of the source" if native else "RAS, isotropic, the model's voxel size",
+            "SkullStripped": False,  # required by BIDS-Derivatives for anatomical images: the whole head is kept
             "SoftwareName": "bidsharmony",
             "SoftwareVersion": __version__,
         }
         meta.update(self.inputs.info or {})
-        atomic_copy(self.inputs.in_file, out)
-        atomic_write_json(sidecar, meta)
+        atomic_copy(self.inputs.in_file, out, root=self.inputs.out_dir)
+        atomic_write_json(sidecar, meta, root=self.inputs.out_dir)
         self._results["out_file"] = str(out)
         self._results["out_sidecar"] = str(sidecar)
         return runtime

@@ -33,9 +33,10 @@ class ReportFigures(SimpleInterface):
         import nibabel as nb
         import numpy as np
 
-        from bidsharmony.bids import derivative_name
+        from bidsharmony.bids import run_stem
         from bidsharmony.image.resample import resample_onto
         from bidsharmony.metrics import head_mask, slice_step_ratio
+        from bidsharmony.outputs import ensure_inside
         from bidsharmony.reports import figures
 
         out_img = nb.as_closest_canonical(nb.load(self.inputs.harmonized))
@@ -54,7 +55,8 @@ class ReportFigures(SimpleInterface):
             info["SourceScanner"] = dict(self.inputs.scanner)
 
         folder = Path(self.inputs.out_dir) / f"sub-{self.inputs.entities['subject']}" / "figures"
-        stem = derivative_name(self.inputs.entities, desc="x").rsplit("_desc-", 1)[0]
+        ensure_inside(folder, self.inputs.out_dir)
+        stem = run_stem(self.inputs.entities)
         paths = [folder / f"{stem}_desc-{d}_T1w.png" for d in ("beforeafter", "histogram", "convergence")]
         figures.before_after(before, after, paths[0], stem)
         figures.histograms(np.array(hist["before"]), np.array(hist["after"]),

@@ -7,13 +7,15 @@ still works. Everything shown comes from files in OUT_DIR, so reports can be reb
 
 from __future__ import annotations
 
-import json
+import logging
 import time
 from html import escape
 from pathlib import Path
 
 from bidsharmony import __version__
 from bidsharmony.outputs import atomic_write_text
+
+LOG = logging.getLogger("bidsharmony")
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
@@ -72,13 +74,12 @@ def run_warnings(meta: dict) -> list[str]:
     return out
 
 
-def _run_section(out_dir: Path, sidecar: Path) -> list[str]:
-    meta = json.loads(sidecar.read_text())
+def _run_section(out_dir: Path, sidecar: Path, meta: dict) -> list[str]:
     image = sidecar.with_name(sidecar.name.replace(".json", ".nii.gz"))
     stem = image.name.split("_desc-")[0]
     sub = stem.split("_")[0]
-    model = meta.get("Model", {})
-    q = meta.get("Quality", {})
+    model = meta.get("Model") or {}
+    q = meta.get("Quality") or {}
     facts = [
         ("output", image.relative_to(out_dir).as_posix()),
         ("source", ", ".join(meta.get("Sources", []))),
@@ -118,20 +119,30 @@ def write_participant_report(out_dir, subject: str) -> Path:
             "(figures in <code>sub-" + escape(subject) + "/figures/</code>).</p>"]
     body += ["<ul>" + "".join(f'<li><a href="#{escape(s.name.split("_desc-")[0])}">{escape(s.name.split("_desc-")[0])}</a></li>'
                               for s in sidecars) + "</ul>"]
+    from bidsharmony.group import read_sidecar
+
     for sidecar in sidecars:
-        body += _run_section(out_dir, sidecar)
+        try:
+            meta = read_sidecar(sidecar)
+        except ValueError as e:  # another run's sidecar, damaged since: this run's report still goes out
+            LOG.warning("%s: left out of the report: %s", sidecar, e)
+            body.append(f'<div class="warn">{escape(sidecar.relative_to(out_dir).as_posix())}: left out, {escape(str(e))}</div>')
+            continue
+        body += _run_section(out_dir, sidecar, meta)
     path = out_dir / f"sub-{subject}.html"
-    atomic_write_text(path, _page(f"bidsharmony: sub-{subject}", body))
+    atomic_write_text(path, _page(f"bidsharmony: sub-{subject}", body), root=out_dir)
     return path
 
 
-def write_group_report(out_dir, rows: list[dict], groups: dict, figures: list[Path]) -> Path:
-    """OUT_DIR/group.html: per-scanner summary, plots and one row per run (as group.tsv)."""
+def write_group_report(out_dir, rows: list[dict], groups: dict, figures: list[Path], skipped=()) -> Path:
+    """OUT_DIR/group.html: per-scanner summary, plots and one row per run (as group.tsv); ``skipped``:
+    (sidecar, cause) of broken sidecars, shown as warnings."""
     out_dir = Path(out_dir)
     from bidsharmony.group import COLUMNS, SUMMARY_METRICS
 
     body = [(f"<p>{len(rows)} harmonized run(s) in {len(groups)} scanner group(s). The same rows are in "
             '<a href="group.tsv">group.tsv</a>; each run links to its participant report.</p>'), "<h2>By scanner</h2>"]
+    body[1:1] = [f'<div class="warn">{escape(path)}: left out, {escape(cause)}</div>' for path, cause in skipped]
     head = "".join(f"<th>{escape(c)}</th>" for c in ["scanner", "runs", *SUMMARY_METRICS])
     lines = [f"<tr>{head}</tr>"]
     for name, stats in groups.items():
@@ -152,5 +163,5 @@ def write_group_report(out_dir, rows: list[dict], groups: dict, figures: list[Pa
         lines.append("<tr>" + "".join(cells) + "</tr>")
     body.append("<table>" + "".join(lines) + "</table>")
     path = out_dir / "group.html"
-    atomic_write_text(path, _page("bidsharmony: group report", body))
+    atomic_write_text(path, _page("bidsharmony: group report", body), root=out_dir)
     return path

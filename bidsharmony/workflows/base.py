@@ -17,9 +17,9 @@ def _nipype_safe(text: str) -> str:
 
 def run_name(entities: dict) -> str:
     """A Nipype-safe, unique node name for a run: sub_01_ses_2_run_1."""
-    from bidsharmony.bids import derivative_name
+    from bidsharmony.bids import run_stem
 
-    return _nipype_safe(derivative_name(entities, desc="x").rsplit("_desc-", 1)[0])
+    return _nipype_safe(run_stem(entities))
 
 
 def workflow_name() -> str:

@@ -14,7 +14,7 @@ EXIT_BUSY = 75
 EXIT_CODES = {
     EXIT_OK: "success",
     EXIT_FAILURE: "failure while running (a node crashed, no GPU for --device cuda, ...)",
-    EXIT_BIDS_INVALID: "BIDS validation failed (dataset_description.json missing or invalid)",
+    EXIT_BIDS_INVALID: "BIDS validation failed (the BIDS validator found errors, or dataset_description.json is missing or invalid)",
     EXIT_UNKNOWN_LEVEL: "unknown analysis level",
     EXIT_NO_FILES: "the selection (labels, sessions, filters) matched no T1w image",
     EXIT_USAGE: "usage error (bad option or value, invalid label such as ../x, invalid filter file)",

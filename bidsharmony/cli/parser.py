@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--participant-label", "--participant_label", nargs="+", metavar="LABEL", help="participants to process (with or without 'sub-'); default: all")
     g.add_argument("--session-label", nargs="+", metavar="LABEL", help="sessions to process (with or without 'ses-'); default: all")
     g.add_argument("--bids-filter-file", type=Path, metavar="FILE", help="JSON of pybids filters (fMRIPrep format); its 't1w' query narrows the T1w selection")
-    g.add_argument("--skip-bids-validation", action="store_true", help="skip checks of dataset_description.json")
+    g.add_argument("--skip-bids-validation", action="store_true", help="skip the BIDS validator and the checks of dataset_description.json")
 
     g = p.add_argument_group("harmonization")
     g.add_argument("--method", choices=("flow", "bhdiff"), default="flow", help="flow: 2D normalizing-flow prior (BlindHarmony); bhdiff: 3D rectified flow from edges (BlindHarmonyDiff; needs a bhdiff --model)")

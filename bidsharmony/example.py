@@ -60,6 +60,15 @@ def build_example(root, seed: int = 0) -> Path:
         "License": "PDDL (derived from nibabel test data, MIT licence)",
     }, indent=2) + "\n")  # fmt: skip
     (root / "participants.tsv").write_text("participant_id\tscanner\nsub-01\tA\nsub-02\tB\n")
+    (root / "participants.json").write_text(json.dumps({
+        "scanner": {"Description": "the simulated scanner of the participant's images (bidsharmony.example.SCANNERS)"},
+    }, indent=2) + "\n")  # fmt: skip
+    (root / "README").write_text(
+        "bidsharmony example dataset\n\n"
+        "Two participants made from nibabel's example head (nibabel/tests/data/anatomical.nii, a real T1w at 2 mm),\n"
+        "each 'scanned' on a simulated scanner (gamma contrast, smooth bias field, Rician noise): sub-01 with two\n"
+        "sessions, sub-02 with two runs (the second stored in LPS voxel order). Built by `python -m bidsharmony.example`.\n"
+    )
     files = {
         "sub-01/ses-1/anat/sub-01_ses-1_T1w.nii.gz": "A",
         "sub-01/ses-2/anat/sub-01_ses-2_T1w.nii.gz": "A",

@@ -3,6 +3,9 @@
 NIfTI affines are RAS; ITK (ANTs) works in LPS. ``to_ants``/``from_ants`` convert between the two
 in one place, so every orientation (LPS, PSR, oblique) goes through the same code: resampling
 to 1.2 mm and back onto the input's own grid happens between physical coordinates, not indices.
+(antspyx's own ``from_nibabel_nifti`` takes a whole image rather than an array and an affine,
+prints to stdout and rewrites the header when units are unknown, and refuses non-mm units that
+a header often states wrongly; these few lines do only the frame change.)
 """
 
 from __future__ import annotations

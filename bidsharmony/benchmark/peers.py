@@ -1,6 +1,7 @@
 """Classical peers, scored on the same files as bidsharmony.
 
-Histogram matching is a few lines and written here; Nyúl, z-score and WhiteStripe come from the
+Histogram matching is a few lines and written here (``skimage.exposure.match_histograms`` matches
+one reference image, not the target population's mean quantile function); Nyúl, z-score and WhiteStripe come from the
 ``intensity-normalization`` package (the benchmark extra), as published. The classical methods are
 defined on the brain, so they get the brain mask; bidsharmony gets no mask at all. Population fits
 (histogram matching, Nyúl) use TRAIN subjects only.

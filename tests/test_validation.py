@@ -118,3 +118,15 @@ def test_real_target_dataset_is_judged(validator):
     if not root.is_dir():
         pytest.skip(f"real data not available at {root}")
     assert set(_errors(root)) <= {("NOT_INCLUDED", "/splits.json"), ("SIDECAR_WITHOUT_DATAFILE", "/splits.json")}
+
+
+def test_bidsignore_keeps_the_users_lines_and_lists_a_work_dir_inside_out_dir(tmp_path):
+    from bidsharmony.validation import BIDSIGNORE, write_bidsignore
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".bidsignore").write_text("mynotes.txt\n")
+    write_bidsignore(out, out / "work")
+    write_bidsignore(out, tmp_path / "elsewhere")  # a second run: nothing repeated
+    lines = (out / ".bidsignore").read_text().splitlines()
+    assert lines == ["mynotes.txt", *BIDSIGNORE, "work"]

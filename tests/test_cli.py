@@ -43,7 +43,7 @@ def test_unknown_analysis_level(capsys, example_bids, tmp_path):
     assert code == EXIT_UNKNOWN_LEVEL and "unknown analysis level 'subject'" in err
 
 
-@pytest.mark.parametrize("args", [["--mem", "8"], ["--device", "gpu"], ["--iterations", "-1"], ["--bogus"]])
+@pytest.mark.parametrize("args", [["--mem", "8XB"], ["--device", "gpu"], ["--iterations", "-1"], ["--bogus"]])
 def test_usage_errors_exit_64(example_bids, tmp_path, args):
     with pytest.raises(SystemExit) as e:
         main([str(example_bids), str(tmp_path / "out"), "participant", *args])

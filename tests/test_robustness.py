@@ -117,7 +117,7 @@ def test_2d_image_is_refused(tmp_path):
 
 def test_integer_image_with_scale_factors_is_read_in_physical_units(tmp_path):
     p = tmp_path / "sub-01_T1w.nii.gz"
-    raw = np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6)
+    raw = np.arange(30 * 40 * 6, dtype=np.int16).reshape(30, 40, 6)  # enough head in a slice to be harmonized
     img = nb.Nifti1Image(raw, np.eye(4))
     img.header.set_data_dtype(np.int16)
     img.header.set_slope_inter(0.5, 10.0)

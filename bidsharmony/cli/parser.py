@@ -11,7 +11,7 @@ from bidsharmony.errors import EXIT_USAGE
 
 LEVELS = ("participant", "group", "train")
 PRESET_NAMES = ("paper", "fast", "tiny")  # mirrored from flow.model.PRESETS (tested)
-_MEM = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)\s*$", re.IGNORECASE)
+_MEM = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
 _MEM_SCALE = {"B": 1e-9, "K": 1e-6, "M": 1e-3, "G": 1.0, "T": 1e3}
 
 
@@ -22,11 +22,11 @@ class _Parser(argparse.ArgumentParser):
 
 
 def memory_gb(text: str) -> float:
-    """'8GB', '500MB', '1.5T' -> gigabytes. A unit is required: '8' is ambiguous."""
+    """'8GB', '500MB', '1.5T' -> gigabytes; a bare number is megabytes, as fMRIPrep reads --mem."""
     m = _MEM.match(text)
     if not m:
-        raise argparse.ArgumentTypeError(f"invalid memory {text!r}: give a unit, e.g. 8GB or 500MB")
-    return float(m.group(1)) * _MEM_SCALE[m.group(2)[0].upper()]
+        raise argparse.ArgumentTypeError(f"invalid memory {text!r}: e.g. 8GB, 500MB or 8000 (MB)")
+    return float(m.group(1)) * _MEM_SCALE[(m.group(2) or "M")[0].upper()]
 
 
 def _positive_int(text: str) -> int:
@@ -92,8 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list-models", action=_PrintAndExit, text=_models_text, help="list the bundled models with their sha256 and exit")
 
     g = p.add_argument_group("selecting data")
-    g.add_argument("--participant-label", "--participant_label", nargs="+", metavar="LABEL", help="participants to process (with or without 'sub-'); default: all")
-    g.add_argument("--session-label", nargs="+", metavar="LABEL", help="sessions to process (with or without 'ses-'); default: all")
+    g.add_argument("--participant-label", "--participant_label", nargs="+", action="extend", metavar="LABEL", help="participants to process (with or without 'sub-'); default: all")
+    g.add_argument("--session-label", nargs="+", action="extend", metavar="LABEL", help="sessions to process (with or without 'ses-'); default: all")
     g.add_argument("--bids-filter-file", type=Path, metavar="FILE", help="JSON of pybids filters (fMRIPrep format); its 't1w' query narrows the T1w selection")
     g.add_argument("--skip-bids-validation", action="store_true", help="skip the BIDS validator and the checks of dataset_description.json")
 
@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", type=_device, default="auto", help="auto, cpu, cuda or cuda:N")
     g.add_argument("--nprocs", "--nthreads", "--n-cpus", type=_positive_int, metavar="N", help="maximum processes/threads in total (default: all CPUs)")
     g.add_argument("--omp-nthreads", type=_positive_int, metavar="N", help="threads per process (torch, ITK); default: min(8, nprocs)")
-    g.add_argument("--mem", type=memory_gb, metavar="SIZE", help="memory the run may use, with a unit (e.g. 8GB)")
+    g.add_argument("--mem", type=memory_gb, metavar="SIZE", help="memory the run may use, with a unit (8GB, 500MB) or in MB (8000)")
     g.add_argument("--use-plugin", type=Path, metavar="FILE", help="Nipype plugin YAML (plugin: SLURM, plugin_args: {...})")
 
     g = p.add_argument_group("workflow")

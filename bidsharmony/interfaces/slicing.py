@@ -64,6 +64,7 @@ class Reassemble(SimpleInterface):
         import nibabel as nb
         import numpy as np
 
+        from bidsharmony.errors import ImageError
         from bidsharmony.image.io import load_t1w
         from bidsharmony.image.resample import resample_onto
         from bidsharmony.image.slices import SliceRecord, assemble
@@ -73,7 +74,11 @@ class Reassemble(SimpleInterface):
         if isdefined(self.inputs.volume):
             harmonized = np.asanyarray(nb.load(self.inputs.volume).dataobj, dtype=np.float32)
         else:
-            harmonized = assemble(np.load(self.inputs.slices, allow_pickle=False), SliceRecord.load(self.inputs.record), resampled)
+            record = SliceRecord.load(self.inputs.record)
+            if not record.harmonize.any():  # load_t1w refuses most such volumes up front; this is the backstop
+                raise ImageError(f"{self.inputs.in_file}: no slice held enough head to harmonize; the output would be "
+                                 "the input unchanged")
+            harmonized = assemble(np.load(self.inputs.slices, allow_pickle=False), record, resampled)
         out = os.path.join(runtime.cwd, "harmonized.nii.gz")
         if self.inputs.output_space == "harmonization":
             img = nb.Nifti1Image(harmonized, res_img.affine)

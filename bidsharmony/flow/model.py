@@ -139,6 +139,42 @@ class SliceFlow(nn.Module):
         return self.inverse(z)
 
 
+def state_shapes(cfg: FlowConfig):
+    """(name, shape) of each tensor of ``SliceFlow(cfg).state_dict()``, computed without building
+    it, so that a model file is checked against its config before anything is allocated (a test
+    keeps this in step with the modules)."""
+    k = 3 * cfg.bins - 1  # spline parameters per transformed channel
+
+    def invconv(p, c):
+        n = c * (c - 1) // 2
+        yield from ((p + "lower", (n,)), (p + "upper", (n,)), (p + "log_s", (c,)), (p + "bias", (c,)),
+                    (p + "perm", (c, c)), (p + "sign_s", (c,)), (p + "tril_idx", (2, n)))  # fmt: skip
+
+    def coupling(p, c):
+        p, h = p + "conditioner.net.", cfg.hidden
+        yield from ((p + "0.weight", (h, c // 2, 1, 1)), (p + "0.bias", (h,)))
+        for b in range(1, cfg.blocks + 1):
+            for i in (0, 3):  # BatchNorm2d
+                yield from ((f"{p}{b}.net.{i}.{n}", (h,)) for n in ("weight", "bias", "running_mean", "running_var"))
+                yield f"{p}{b}.net.{i}.num_batches_tracked", ()
+            for i in (2, 5):  # 3x3 convolutions
+                yield from ((f"{p}{b}.net.{i}.weight", (h, h, 3, 3)), (f"{p}{b}.net.{i}.bias", (h,)))
+        out = (c - c // 2) * k
+        yield from ((f"{p}{cfg.blocks + 1}.weight", (out, h, 1, 1)), (f"{p}{cfg.blocks + 1}.bias", (out,)))
+
+    c = 1
+    for level in range(cfg.levels):
+        c *= 4
+        p = f"levels.{level}.layers."
+        for step in range(cfg.steps):
+            a = 3 * step
+            yield from ((f"{p}{a}.bias", (1, c, 1, 1)), (f"{p}{a}.log_scale", (1, c, 1, 1)), (f"{p}{a}.initialized", ()))
+            yield from invconv(f"{p}{a + 1}.", c)
+            yield from coupling(f"{p}{a + 2}.", c)
+        yield from invconv(f"{p}{3 * cfg.steps}.", c)
+        c = c if level == cfg.levels - 1 else c // 2
+
+
 def build_flow(preset_or_cfg: str | FlowConfig, **overrides) -> SliceFlow:
     """A flow from a preset name (with optional field overrides) or a FlowConfig."""
     if isinstance(preset_or_cfg, str):

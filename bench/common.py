@@ -52,13 +52,13 @@ def other_cpu_share() -> float | None:
     busy, total = _cpu_jiffies()
     if not total or not _START or total == _START["total"]:
         return None
-    own = (sum(os.times()[:2]) - _START["own"]) * os.sysconf("SC_CLK_TCK")
+    own = (sum(os.times()[:4]) - _START["own"]) * os.sysconf("SC_CLK_TCK")  # with waited-for children: the runs some scripts measure
     return max(0.0, (busy - _START["busy"] - own) / (total - _START["total"]))
 
 
 def setup(args) -> torch.device:
     busy, total = _cpu_jiffies()
-    _START.update(busy=busy, total=total, own=sum(os.times()[:2]))
+    _START.update(busy=busy, total=total, own=sum(os.times()[:4]))
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():

@@ -88,3 +88,43 @@ def test_mixed_precision_touches_only_the_conditioners(slices, tmp_path):
         z, logdet = flow(x)
         assert z.dtype == torch.float32 and torch.isfinite(logdet).all()
         assert (flow.inverse(z) - x).abs().max() < 1e-4
+
+
+def _small(slices):
+    """A few slices of each subject: these tests are about the folder, not about learning."""
+    train, val = split_by_subject(slices, 0.5, seed=0)
+    return train.subset(np.arange(len(train)) < 6), val.subset(np.arange(len(val)) < 3)
+
+
+def test_resume_needs_the_checkpoints_options_and_data(slices, tmp_path):
+    """A checkpoint of other options or other data is refused, naming the difference; with
+    overwrite it is discarded and training starts over."""
+    from bidsharmony.errors import OutputError
+
+    train, val = _small(slices)
+    cfg = TrainConfig(preset="tiny", steps=2, batch_size=2, val_every=2, checkpoint_every=1)
+    train_flow(train, val, cfg, tmp_path / "m", progress=False, stop_at=1)
+    with pytest.raises(OutputError, match=r"checkpoint: holds an unfinished training with steps 2, this run has 3; .*--overwrite"):
+        train_flow(train, val, TrainConfig(**{**cfg.to_dict(), "steps": 3}), tmp_path / "m", progress=False)
+    with pytest.raises(OutputError, match=r"with subjects_train \[.*\], this run has \[.*\]"):
+        train_flow(val, train, cfg, tmp_path / "m", progress=False)  # the subjects swapped
+    with pytest.raises(OutputError, match=r"with slices_train 6, this run has 5"):
+        train_flow(train.subset(np.arange(6) < 5), val, cfg, tmp_path / "m", progress=False)
+    train_flow(val, train, cfg, tmp_path / "m", progress=False, overwrite=True, stop_at=1)
+    state = json.loads((tmp_path / "m" / "checkpoint" / "state.json").read_text())
+    assert state["training_data"]["subjects_train"] == sorted(set(val.subject.tolist()))  # started over on the new data
+
+
+def test_checkpoint_files_get_the_mode_the_umask_gives(slices, tmp_path):
+    import os
+    import stat
+
+    train, val = _small(slices)
+    previous = os.umask(0o022)
+    try:
+        cfg = TrainConfig(preset="tiny", steps=2, batch_size=2, val_every=1, checkpoint_every=1)
+        train_flow(train, val, cfg, tmp_path / "m", progress=False, stop_at=1)
+    finally:
+        os.umask(previous)
+    for name in ("model.safetensors", "config.json", "checkpoint/state.safetensors", "checkpoint/state.json"):
+        assert stat.S_IMODE((tmp_path / "m" / name).stat().st_mode) == 0o644, name

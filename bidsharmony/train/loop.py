@@ -7,16 +7,19 @@ safetensors + JSON, so an interrupted run continues where it stopped.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
+from bidsharmony.errors import OutputError
 from bidsharmony.train.data import SliceSet
 
 LOG = logging.getLogger("bidsharmony")
@@ -72,9 +75,36 @@ def evaluate_bpd(flow, codes: np.ndarray, device, batch_size: int = 64, seed: in
     return total / max(n, 1)
 
 
-def _save_state(folder: Path, flow, opt, sched, gen, step: int, history: dict, best: float, cfg: TrainConfig) -> None:
+def data_record(train: SliceSet, val: SliceSet) -> dict:
+    """What identifies the training data: the subjects, the slice counts, a hash of the slices."""
+    h = hashlib.sha256()
+    for part in (train, val):
+        h.update(np.ascontiguousarray(part.codes).data)
+        h.update("\0".join(map(str, part.subject.tolist())).encode())
+    return {"subjects_train": sorted(set(map(str, train.subject.tolist()))), "slices_train": len(train),
+            "subjects_validation": sorted(set(map(str, val.subject.tolist()))), "slices_validation": len(val),
+            "data_sha256": h.hexdigest()}  # fmt: skip
+
+
+def resume_conflict(state_dir: Path, saved: dict, current: dict) -> str | None:
+    """Why the checkpoint in ``state_dir`` cannot be continued by this run (None if it can): other
+    data or options would mix two trainings into one model. Names the first difference."""
+    def short(v):
+        text = json.dumps(v)
+        return text if len(text) <= 60 else text[:57] + "..."
+
+    for key in [*current, *(k for k in saved if k not in current)]:
+        if saved.get(key) != current.get(key):
+            return (f"{state_dir}: holds an unfinished training with {key} {short(saved.get(key))}, this run has "
+                    f"{short(current.get(key))}; rerun with its data and options to resume it, pass --overwrite to "
+                    "start over, or choose another folder")
+    return None
+
+
+def _save_state(folder: Path, flow, opt, sched, gen, step: int, history: dict, best: float, cfg: TrainConfig, data: dict) -> None:
     import torch
-    from safetensors.torch import save_file
+
+    from bidsharmony.flow.checkpoint import write_safetensors
 
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {f"flow.{k}": v.detach().cpu().contiguous() for k, v in flow.state_dict().items()}
@@ -84,7 +114,7 @@ def _save_state(folder: Path, flow, opt, sched, gen, step: int, history: dict, b
             tensors[f"opt.{pid}.{name}"] = torch.as_tensor(value).detach().cpu().contiguous()
     tensors["rng.batches"] = gen.get_state()
     tmp = folder / "state.safetensors.tmp"
-    save_file(tensors, str(tmp))
+    write_safetensors(tensors, tmp)
     os.replace(tmp, folder / "state.safetensors")
     meta = {
         "step": step,
@@ -92,7 +122,8 @@ def _save_state(folder: Path, flow, opt, sched, gen, step: int, history: dict, b
         "history": history,
         "param_groups": opt_state["param_groups"],
         "scheduler": sched.state_dict(),
-        "train_config": cfg.to_dict(),  # a resume with other options starts over
+        "train_config": cfg.to_dict(),  # a resume needs the same options and data
+        "training_data": data,
     }
     (folder / "state.json.tmp").write_text(json.dumps(meta))
     os.replace(folder / "state.json.tmp", folder / "state.json")
@@ -116,11 +147,13 @@ def _load_state(folder: Path, flow, opt, sched, gen):
     return meta["step"], meta["history"], meta["best_val_bpd"]
 
 
-def train_flow(train: SliceSet, val: SliceSet, cfg: TrainConfig, out_dir, device="cpu", extras=None, meta=None, progress=True, stop_at: int | None = None) -> dict:
+def train_flow(train: SliceSet, val: SliceSet, cfg: TrainConfig, out_dir, device="cpu", extras=None, meta=None, progress=True,
+               stop_at: int | None = None, overwrite: bool = False) -> dict:
     """Fit a flow of preset ``cfg.preset`` on ``train``; keeps the best-validation model in ``out_dir``.
 
     ``stop_at`` ends this call early at that step, after a checkpoint (a job's time limit); calling
-    again with the same config resumes. Returns a summary (steps, best validation bits/dim, seconds).
+    again with the same config and data resumes; other ones are refused (OutputError), or with
+    ``overwrite`` start over. Returns a summary (steps, best validation bits/dim, seconds).
     """
     import torch
 
@@ -139,13 +172,19 @@ def train_flow(train: SliceSet, val: SliceSet, cfg: TrainConfig, out_dir, device
     step, best = 0, math.inf
     history: dict = {"step": [], "train_bpd": [], "val_step": [], "val_bpd": []}
     state_file = state_dir / "state.json"
+    data = data_record(train, val)
     if state_file.is_file():
-        saved = json.loads(state_file.read_text()).get("train_config")
-        if saved and saved != cfg.to_dict():
-            LOG.warning("%s: training options changed since the checkpoint; starting over", state_file)
-        else:
-            step, history, best = _load_state(state_dir, flow, opt, sched, gen)
-            LOG.info("resuming training from step %d (best validation %.4f bits/dim)", step, best)
+        saved = json.loads(state_file.read_text())
+        recorded = {**saved.get("train_config", {}), **saved.get("training_data", {})}
+        conflict = resume_conflict(state_dir, recorded, {**cfg.to_dict(), **data})
+        if conflict and not overwrite:
+            raise OutputError(conflict)
+        if conflict:
+            LOG.warning("%s: discarded (--overwrite)", conflict.split(";")[0])
+            shutil.rmtree(state_dir)
+    if state_file.is_file():
+        step, history, best = _load_state(state_dir, flow, opt, sched, gen)
+        LOG.info("resuming training from step %d (best validation %.4f bits/dim)", step, best)
     else:
         # Data-dependent ActNorm initialisation on a first batch, before any step.
         flow.train()
@@ -194,7 +233,7 @@ def train_flow(train: SliceSet, val: SliceSet, cfg: TrainConfig, out_dir, device
                 card_meta["validation_bpd"] = round(best, 5)
                 save_model(out_dir, flow, card_meta, extras=extras)
         if step % cfg.checkpoint_every == 0 or step == last:
-            _save_state(state_dir, flow, opt, sched, gen, step, history, best, cfg)
+            _save_state(state_dir, flow, opt, sched, gen, step, history, best, cfg, data)
     if bar is not None:
         bar.close()
     seconds = time.perf_counter() - t0

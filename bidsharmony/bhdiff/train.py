@@ -10,8 +10,10 @@ coordinates together. An exponential moving average of the weights is what gets 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -79,19 +81,33 @@ def _ema(model, decay: float):
     return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay))
 
 
-def _save_state(folder: Path, model, ema, opt, gen, step: int, losses: list[float], cfg: BHDiffTrainConfig) -> None:
+def data_record(volumes) -> dict:
+    """What identifies the training data: the number of volumes and a hash of them, prepared."""
+    h = hashlib.sha256()
+    for x, e in volumes:
+        for a in (x, e):
+            h.update(str((a.dtype, a.shape)).encode())
+            h.update(np.ascontiguousarray(a).data)
+    return {"volumes": len(volumes), "data_sha256": h.hexdigest()}
+
+
+def _save_state(folder: Path, model, ema, opt, gen, step: int, losses: list[float], cfg: BHDiffTrainConfig, data: dict) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / "state.pt.tmp"
     torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(),
-                "step": step, "losses": losses, "config": asdict(cfg)}, tmp)  # fmt: skip
+                "step": step, "losses": losses, "config": asdict(cfg), "data": data}, tmp)  # fmt: skip
     os.replace(tmp, folder / "state.pt")
 
 
 def train_bhdiff(volumes: list[tuple[np.ndarray, np.ndarray]], cfg: BHDiffTrainConfig, out_dir, device="cpu",
-                 stop_at: int | None = None, progress: bool = False) -> dict:
-    """Train on prepared volumes; checkpoints in out_dir/checkpoint, resumes from there. Returns
+                 stop_at: int | None = None, progress: bool = False, overwrite: bool = False) -> dict:
+    """Train on prepared volumes; checkpoints in out_dir/checkpoint, resumes from there when the
+    settings and data are the same (else OutputError, or with ``overwrite`` a fresh start). Returns
     {'steps', 'losses', 'model', 'ema', 'seconds'} (``stop_at`` ends early without saving, as a
     kill would: the next call resumes from the last checkpoint)."""
+    from bidsharmony.errors import OutputError
+    from bidsharmony.train.loop import resume_conflict
+
     out_dir = Path(out_dir)
     state_dir = out_dir / "checkpoint"
     torch.manual_seed(cfg.seed)
@@ -100,10 +116,16 @@ def train_bhdiff(volumes: list[tuple[np.ndarray, np.ndarray]], cfg: BHDiffTrainC
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate)
     gen = torch.Generator().manual_seed(cfg.seed)
     step, losses = 0, []
+    data = data_record(volumes)
     if (state_dir / "state.pt").is_file():
         state = torch.load(state_dir / "state.pt", map_location=device, weights_only=True)
-        if state["config"] != asdict(cfg):
-            raise ValueError(f"{state_dir}: checkpoint was made with other training settings; use a new folder")
+        conflict = resume_conflict(state_dir, {**state["config"], **state.get("data", {})}, {**asdict(cfg), **data})
+        if conflict and not overwrite:
+            raise OutputError(conflict)
+        if conflict:
+            LOG.warning("%s: discarded (--overwrite)", conflict.split(";")[0])
+            shutil.rmtree(state_dir)
+    if (state_dir / "state.pt").is_file():
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
@@ -129,7 +151,7 @@ def train_bhdiff(volumes: list[tuple[np.ndarray, np.ndarray]], cfg: BHDiffTrainC
             LOG.info("step %d/%d: loss %.4f", step, cfg.steps, float(np.mean(losses[-10:])))
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:  # a kill resumes from the last of these
             noise = torch.Generator(device=device).manual_seed(cfg.seed + 1 + step)  # resumable noise stream
-            _save_state(state_dir, model, ema, opt, gen, step, losses, cfg)
+            _save_state(state_dir, model, ema, opt, gen, step, losses, cfg, data)
     return {"steps": step, "losses": losses, "model": model, "ema": ema.module, "seconds": time.perf_counter() - t0}
 
 
@@ -146,15 +168,20 @@ def save_bhdiff_model(folder, unet, meta: dict) -> Path:
 
 def load_bhdiff_model(folder, device="cpu"):
     """(unet, config) from a bhdiff model folder; the weights' hash is checked, nothing unpickled."""
-    from bidsharmony.bhdiff.unet import UNetConfig, VelocityUNet
+    from bidsharmony.bhdiff.unet import UNetConfig, VelocityUNet, state_shapes
     from bidsharmony.errors import ModelError
-    from bidsharmony.flow.checkpoint import CONFIG, read_config, read_weights
+    from bidsharmony.flow.checkpoint import CONFIG, check_shapes, read_config, read_weights
 
     cfg = read_config(folder, fmt=FORMAT, version=1)
     tensors = read_weights(folder, cfg)
     try:
-        unet = VelocityUNet(UNetConfig(**{**cfg["architecture"], "mults": tuple(cfg["architecture"]["mults"])}))
+        arch = UNetConfig(**{**cfg["architecture"], "mults": tuple(cfg["architecture"]["mults"])})
+    except (KeyError, TypeError, ValueError) as e:
+        raise ModelError(f"{Path(folder) / CONFIG}: invalid architecture ({e})") from None
+    check_shapes(tensors, "unet.", state_shapes(arch), folder)
+    try:
+        unet = VelocityUNet(arch)
         unet.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("unet.")}, strict=True)
-    except (KeyError, TypeError, RuntimeError) as e:
+    except (KeyError, TypeError, ValueError, AssertionError, RuntimeError) as e:
         raise ModelError(f"{Path(folder) / CONFIG}: weights do not fit its architecture ({str(e)[:200]})") from None
     return unet.to(device).eval(), cfg

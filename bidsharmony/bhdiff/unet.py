@@ -142,6 +142,60 @@ class VelocityUNet(nn.Module):
         return self.out(h)
 
 
+def state_shapes(cfg: UNetConfig):
+    """(name, shape) of each tensor of ``VelocityUNet(cfg).state_dict()``, computed without building
+    it, so that a model file is checked against its config before anything is allocated (a test
+    keeps this in step with the modules)."""
+
+    def affine(p, cout, cin, *kernel):  # a convolution or linear layer
+        yield from ((p + "weight", (cout, cin, *kernel)), (p + "bias", (cout,)))
+
+    def norm(p, ch):
+        yield from ((p + "weight", (ch,)), (p + "bias", (ch,)))
+
+    def resblock(p, cin, cout):
+        yield from norm(p + "norm1.", cin)
+        yield from affine(p + "conv1.", cout, cin, 3, 3, 3)
+        yield from affine(p + "temb.", cout, tdim)
+        yield from norm(p + "norm2.", cout)
+        yield from affine(p + "conv2.", cout, cout, 3, 3, 3)
+        if cin != cout:
+            yield from affine(p + "skip.", cout, cin, 1, 1, 1)
+
+    widths = [cfg.base * m for m in cfg.mults]
+    tdim = 4 * cfg.base
+    yield from affine("time.0.", tdim, cfg.base)
+    yield from affine("time.2.", tdim, tdim)
+    yield from affine("stem.", widths[0], 1 + cfg.cond_channels, 3, 3, 3)
+    skips, ch, n = [widths[0]], widths[0], 0
+    for i, w in enumerate(widths):
+        for _ in range(cfg.blocks):
+            yield from resblock(f"down.{n}.", ch, w)
+            n, ch = n + 1, w
+            skips.append(ch)
+        if i < len(widths) - 1:
+            yield from affine(f"down.{n}.", ch, ch, 3, 3, 3)
+            n += 1
+            skips.append(ch)
+    yield from resblock("mid.0.", ch, ch)
+    if cfg.attention:
+        yield from norm("mid.1.norm.", ch)
+        yield from (("mid.1.attn.in_proj_weight", (3 * ch, ch)), ("mid.1.attn.in_proj_bias", (3 * ch,)))
+        yield from affine("mid.1.attn.out_proj.", ch, ch)
+    for j in range(2, cfg.mid_blocks + 1):
+        yield from resblock(f"mid.{j}.", ch, ch)
+    n = 0
+    for i, w in reversed(list(enumerate(widths))):
+        for _ in range(cfg.blocks + 1):
+            yield from resblock(f"up.{n}.", ch + skips.pop(), w)
+            n, ch = n + 1, w
+        if i > 0:
+            yield from affine(f"up.{n + 1}.", ch, ch, 3, 3, 3)  # after the upsampling, which has no tensors
+            n += 2
+    yield from norm("out.0.", ch)
+    yield from affine("out.2.", 1, ch, 3, 3, 3)
+
+
 def build_unet(preset: str | UNetConfig) -> VelocityUNet:
     cfg = PRESETS[preset] if isinstance(preset, str) else preset
     return VelocityUNet(cfg)

@@ -91,7 +91,7 @@ def resume_conflict(state_dir: Path, saved: dict, current: dict) -> str | None:
     data or options would mix two trainings into one model. Names the first difference."""
     def short(v):
         text = json.dumps(v)
-        return text if len(text) <= 60 else text[:57] + "..."
+        return text if len(text) <= 80 else text[:77] + "..."
 
     for key in [*current, *(k for k in saved if k not in current)]:
         if saved.get(key) != current.get(key):

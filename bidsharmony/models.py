@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bidsharmony.errors import ModelError
+from bidsharmony.errors import ModelError, OutputError
 
 BUNDLED = Path(__file__).parent / "data" / "models"
 DEFAULT_MODEL = "ixi-hh-fast"
@@ -39,3 +39,17 @@ def default_model() -> Path:
             "pass --model DIR (train one with: bidsharmony TARGET_BIDS MODEL_DIR train)"
         )
     return models[DEFAULT_MODEL]
+
+
+def check_training_folder(folder: Path, overwrite: bool) -> None:
+    """Before ``train`` writes anything: never into the installed package (its bundled models are
+    not the user's to replace, whatever the flag), and into a folder that holds a model only with
+    ``--overwrite``."""
+    from bidsharmony.flow.checkpoint import CONFIG, WEIGHTS
+
+    real, package = Path(folder).resolve(), Path(__file__).resolve().parent
+    if real == package or package in real.parents or real in package.parents:
+        raise OutputError(f"{folder}: inside (or around) the installed bidsharmony package and its bundled models "
+                          f"({package}); train into a folder of your own")
+    if not overwrite and any((real / name).exists() for name in (CONFIG, WEIGHTS)):
+        raise OutputError(f"{folder}: holds a model already; pass --overwrite to replace it, or choose another folder")

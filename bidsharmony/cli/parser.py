@@ -127,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--train-patch", type=_positive_int, default=64, help="bhdiff: training patch edge (voxels)")
     g.add_argument("--augment", action="store_true", help="random left-right flips")
     g.add_argument("--amp", action="store_true", help="bf16 mixed precision in the coupling conditioners (for GPUs; the spline arithmetic stays float32)")
+    g.add_argument("--overwrite", action="store_true", help="replace the model that OUTPUT_DIR holds (refused without it; the bundled models never)")
 
     g = p.add_argument_group("performance")
     g.add_argument("--device", type=_device, default="auto", help="auto, cpu, cuda or cuda:N")

@@ -175,15 +175,34 @@ def load_filters(path: Path | None) -> dict:
 SCANNER_FIELDS = ("Manufacturer", "ManufacturersModelName", "MagneticFieldStrength", "InstitutionName", "StationName")
 
 
-def collect_t1w(bids_dir: Path, participants=None, sessions=None, filters=None, filter_file=None) -> list[dict]:
-    """T1w runs as dicts: {'path', 'entities', 'relpath', 'scanner'}, sorted by path.
-    ``filter_file``: where ``filters`` came from, named in their errors."""
+def open_layout(bids_dir: Path, database_dir: Path | None = None):
+    """pybids' index of BIDS_DIR; with ``database_dir`` (fMRIPrep's --bids-database-dir) it is
+    saved there on first use and reused afterwards, which saves minutes on large datasets. pybids
+    silently reuses a database made for another root: that is refused here."""
     from bids import BIDSLayout
 
+    kwargs = {}
+    if database_dir is not None:
+        bids_real, db_real = Path(bids_dir).resolve(), Path(database_dir).resolve()
+        if db_real == bids_real or bids_real in db_real.parents:
+            raise OutputError(f"{database_dir}: database directory is inside the BIDS directory {bids_real}; choose a folder outside it")
+        if db_real.exists() and not db_real.is_dir():
+            raise OutputError(f"{database_dir}: exists and is not a directory")
+        kwargs["database_path"] = str(database_dir)
     try:
-        layout = BIDSLayout(str(bids_dir), validate=False)
+        layout = BIDSLayout(str(bids_dir), validate=False, **kwargs)
     except Exception as e:  # pybids raises several types for unreadable roots
         raise BIDSInvalidError(f"{bids_dir}: pybids cannot index the dataset ({e})") from None
+    if database_dir is not None and Path(layout.root).resolve() != Path(bids_dir).resolve():
+        raise UsageError(f"{database_dir}: indexes {layout.root}, not {bids_dir}; give another --bids-database-dir")
+    return layout
+
+
+def collect_t1w(bids_dir: Path, participants=None, sessions=None, filters=None, filter_file=None, database_dir=None) -> list[dict]:
+    """T1w runs as dicts: {'path', 'entities', 'relpath', 'scanner'}, sorted by path.
+    ``filter_file``: where ``filters`` came from, named in their errors; ``database_dir``: a
+    reusable pybids index (``open_layout``)."""
+    layout = open_layout(bids_dir, database_dir)
     subjects = set(layout.get_subjects())
     if participants:
         missing = sorted(set(participants) - subjects)

@@ -95,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--participant-label", "--participant_label", nargs="+", action="extend", metavar="LABEL", help="participants to process (with or without 'sub-'); default: all")
     g.add_argument("--session-label", nargs="+", action="extend", metavar="LABEL", help="sessions to process (with or without 'ses-'); default: all")
     g.add_argument("--bids-filter-file", type=Path, metavar="FILE", help="JSON of pybids filters (fMRIPrep format); its 't1w' query narrows the T1w selection")
+    g.add_argument("--bids-database-dir", type=Path, metavar="DIR", help="keep pybids' index of BIDS_DIR here and reuse it on later runs (large datasets); delete it after changing the dataset")
     g.add_argument("--skip-bids-validation", action="store_true", help="skip the BIDS validator and the checks of dataset_description.json")
 
     g = p.add_argument_group("harmonization")
@@ -138,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("workflow")
     g.add_argument("-w", "--work-dir", type=Path, metavar="DIR", help="Nipype work directory; a rerun reuses finished nodes (default: OUTPUT_DIR/.bidsharmony-work)")
+    g.add_argument("--clean-workdir", action="store_true", help="recompute the selected runs from scratch: remove their nodes from the work directory first (other runs' nodes are kept)")
+    g.add_argument("--reports-only", action="store_true", help="participant level: only rewrite the HTML reports from the outputs already in OUTPUT_DIR")
     g.add_argument("--random-seed", type=int, default=0, help="fixes every random choice (dequantisation noise, training)")
     g.add_argument("--stop-on-first-crash", action="store_true", help="stop at the first failing node")
     g.add_argument("--resource-monitor", action="store_true", help="record memory and CPU of each node (Nipype)")

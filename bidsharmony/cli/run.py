@@ -250,7 +250,25 @@ def _select_runs(opts):
     participants = [bids.clean_label(x, "sub") for x in opts.participant_label or []]
     sessions = [bids.clean_label(x, "ses") for x in opts.session_label or []]
     filters = bids.load_filters(opts.bids_filter_file)
-    return bids.collect_t1w(opts.bids_dir, participants, sessions, filters, filter_file=opts.bids_filter_file)
+    return bids.collect_t1w(opts.bids_dir, participants, sessions, filters, filter_file=opts.bids_filter_file,
+                            database_dir=opts.bids_database_dir)
+
+
+def _clean_work_dir(work_dir: Path, runs) -> None:
+    """--clean-workdir: forget the selected runs' finished nodes (of every bidsharmony version and
+    of training preparation), and nothing else: other participants' nodes may belong to a run that
+    is going on now, and the work directory may hold what is not bidsharmony's."""
+    import shutil
+
+    from bidsharmony.workflows.base import run_name
+
+    labels = {run_name(r["entities"]) for r in runs}
+    for top in sorted(p for p in work_dir.glob("*_wf") if p.is_dir() and not p.is_symlink()):
+        for node in sorted(top.iterdir()):
+            label = node.name.rsplit("_", 1)[0]
+            if node.is_dir() and not node.is_symlink() and label in labels and node.name.endswith(("_wf", "_report", "_ds")):
+                LOG.info("--clean-workdir: removing %s", node)
+                shutil.rmtree(node)
 
 
 def _check_images(runs) -> None:
@@ -342,6 +360,9 @@ def run_participant(opts, nprocs: int, omp: int, work_dir: Path, log_dir: Path) 
     from bidsharmony.workflows.base import init_bidsharmony_wf
 
     runs = _select_runs(opts)
+    subjects = sorted({r["entities"]["subject"] for r in runs})
+    if opts.reports_only:
+        return _reports_only(opts, subjects)
     _check_images(runs)
     device = resolve_device(opts.device)
     if opts.method == "bhdiff":
@@ -361,11 +382,12 @@ def run_participant(opts, nprocs: int, omp: int, work_dir: Path, log_dir: Path) 
         name, sha = loaded.name, loaded.sha256
         params = _harmonize_params(opts, device)
     LOG.info("%d T1w run(s); %s model %s (sha256 %s…); device %s", len(runs), opts.method, name, sha[:12], device)
-    subjects = sorted({r["entities"]["subject"] for r in runs})
     check_output_paths(opts.output_dir, runs)
     with participant_locks(opts.output_dir, subjects):
         write_dataset_description(opts.output_dir, opts.bids_dir)
         remove_stale_partials(opts.output_dir)
+        if opts.clean_workdir:
+            _clean_work_dir(work_dir, runs)
         wf = init_bidsharmony_wf(runs, opts.output_dir, model, params, device=device, output_space=opts.output_space,
                                  omp_nthreads=omp, method=opts.method)
         wf.base_dir = str(work_dir)
@@ -376,6 +398,23 @@ def run_participant(opts, nprocs: int, omp: int, work_dir: Path, log_dir: Path) 
         for subject in subjects:
             LOG.info("report: %s", write_participant_report(opts.output_dir, subject))
     LOG.info("harmonized %d run(s) in %.1f s; outputs in %s", len(runs), time.perf_counter() - t0, opts.output_dir)
+    return EXIT_OK
+
+
+def _reports_only(opts, subjects) -> int:
+    """--reports-only: rewrite the participant reports from the outputs already in OUT_DIR."""
+    from bidsharmony.errors import NoFilesError
+    from bidsharmony.outputs import participant_locks
+    from bidsharmony.reports.html import write_participant_report
+
+    done = [s for s in subjects if any((opts.output_dir / f"sub-{s}").glob("**/anat/*_desc-harmonized_T1w.json"))]
+    if not done:
+        raise NoFilesError(f"{opts.output_dir}: no harmonized outputs of the selected participants; run without --reports-only first")
+    for s in sorted(set(subjects) - set(done)):
+        LOG.warning("sub-%s: no harmonized outputs in %s; no report", s, opts.output_dir)
+    with participant_locks(opts.output_dir, done):
+        for subject in done:
+            LOG.info("report: %s", write_participant_report(opts.output_dir, subject))
     return EXIT_OK
 
 
@@ -394,6 +433,8 @@ def run_train(opts, nprocs: int, omp: int, work_dir: Path, log_dir: Path) -> int
     _check_images(runs)
     device = resolve_device(opts.device)
     torch.set_num_threads(omp)
+    if opts.clean_workdir:
+        _clean_work_dir(work_dir, runs)
     if opts.method == "bhdiff":
         return _train_bhdiff(opts, runs, device, nprocs, work_dir, log_dir)
     grid = PRESETS[opts.preset].slice_shape

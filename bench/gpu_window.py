@@ -497,15 +497,20 @@ def train_stage(args, device, meta: dict, data: dict, deadline: float, reserve: 
     res["validation_slices"] = [len(val_codes), n_val]
     t = time.monotonic()
     start_bpd = validate()
-    val_cost = time.monotonic() - t
-    train_end -= 3 * val_cost  # the last validation, and scoring the stored and the reloaded weights
+    val_cost = time.monotonic() - t  # grows to the slowest validation seen
+    n_float = sum(v.numel() for v in flow.state_dict().values() if v.is_floating_point())
+    extra_bytes = data["start_images"].size * 4 + data["target_histogram"].nbytes
+    half = (n_float * 4 + extra_bytes) / 1e6 > args.max_model_mb  # stored in float16: scored again
+
+    def after():  # seconds the end needs: the last validation, scoring the stored (float16) and the reloaded weights
+        return (3 if half else 2) * val_cost
     res["start_validation_bpd"] = start_bpd
     best_bpd, best_state, best_step = start_bpd, ({k: v.detach().clone() for k, v in flow.state_dict().items()} if warm else None), 0
     if warm is None:
         best_bpd = math.inf
     log(f"train: start {start_bpd:.4f} bits/dim on {len(val_codes)} validation slices ({val_cost:.1f} s)")
     opt = torch.optim.Adam(flow.parameters(), lr=args.learning_rate)
-    total = train_end - time.monotonic()  # seconds for steps and validations
+    total = train_end - after() - time.monotonic()  # seconds for steps and validations
     if total < 5:
         raise RuntimeError(f"only {total:.0f} s left for training")
     val_every = max(args.val_every_s or total / 8, 3 * val_cost)
@@ -517,7 +522,7 @@ def train_stage(args, device, meta: dict, data: dict, deadline: float, reserve: 
     while True:
         now = time.monotonic()
         frac = (now - t_loop) / total
-        if frac >= 1 or now + (step_times[-1] if step_times else 0) * 1.5 > train_end:
+        if frac >= 1 or now + (step_times[-1] if step_times else 0) * 1.5 + after() > train_end:
             break
         lr = args.learning_rate * (min(1.0, frac / 0.03) if frac < 0.03 else 0.5 * (1 + math.cos(math.pi * (frac - 0.03) / 0.97)))
         for g in opt.param_groups:
@@ -556,8 +561,10 @@ def train_stage(args, device, meta: dict, data: dict, deadline: float, reserve: 
             history["step"].append(step)
             history["train_bpd"].append(round(float(torch.stack(losses).mean()), 5))
             losses = []
-        if time.monotonic() >= next_val and time.monotonic() + val_cost < train_end:
+        if time.monotonic() >= next_val and time.monotonic() + val_cost + after() < train_end:
+            t = time.monotonic()
             v = validate()
+            val_cost = max(val_cost, time.monotonic() - t)
             history["val_step"].append(step)
             history["val_bpd"].append(round(v, 5))
             history["val_seconds"].append(round(time.monotonic() - t_loop, 1))
@@ -569,7 +576,7 @@ def train_stage(args, device, meta: dict, data: dict, deadline: float, reserve: 
             next_val = time.monotonic() + val_every
     _sync(device)
     train_seconds = time.monotonic() - t_loop
-    if history["val_step"][-1] != step and step > 0:
+    if history["val_step"][-1] != step and step > 0 and time.monotonic() + after() < train_end:
         v = validate()
         history["val_step"].append(step)
         history["val_bpd"].append(round(v, 5))
@@ -585,22 +592,23 @@ def train_stage(args, device, meta: dict, data: dict, deadline: float, reserve: 
     improved = best_state is not None and (warm is None or best_step > 0)
     res["improved"] = improved
     if not improved:
-        log("train: no better weights than the warm start; no model folder written")
+        log("train: no model folder written: no validated weights better than the start")
         return res
 
     # the model folder: half precision when float32 would not fit --max-model-mb
     flow.load_state_dict(best_state)
     flow.eval()
     extras = {"start_images": data["start_images"].astype(np.float32) / 4095, "target_histogram": data["target_histogram"]}
-    n_float = sum(v.numel() for v in flow.state_dict().values() if v.is_floating_point())
-    extra_bytes = sum(np.asarray(v).nbytes for v in extras.values())
-    half = (n_float * 4 + extra_bytes) / 1e6 > args.max_model_mb
+    bpd = best_bpd  # float32: the stored weights are the validated ones
+    if half and not all(torch.isfinite(v.half()).all() for v in flow.state_dict().values() if v.is_floating_point()):
+        half = False  # a weight beyond float16's range: keep float32, over --max-model-mb or not
+        log("train: weights overflow float16; stored in float32")
     if half:
         with torch.no_grad():
             for v in flow.state_dict().values():
                 if v.is_floating_point():
-                    v.copy_(v.half().float())  # the weights as stored: scored below as they will load
-    bpd = evaluate_bpd(flow, val_codes, device, batch_size=64)
+                    v.copy_(v.half().float())  # the weights as stored, scored as they will load
+        bpd = evaluate_bpd(flow, val_codes, device, batch_size=64)
     for m_ in flow.modules():
         if isinstance(m_, SplineCoupling):
             m_.amp_dtype = None
@@ -639,17 +647,17 @@ def train_stage(args, device, meta: dict, data: dict, deadline: float, reserve: 
         },
         "validation_bpd": round(bpd, 5),
         "validation_note": (f"bits/dim on every {meta['val']['slice_step']}th slice of the validation subjects "
-                            f"({len(val_codes)} slices" + (f" of {n_val}, for time)" if len(val_codes) < n_val else ")") + (f"; the reference {meta['reference']['name']} scores "
-                            f"{meta['reference']['validation_bpd_here']} on the same slices" if meta.get("reference") else "")),  # fmt: skip
+                            f"({len(val_codes)} slices" + (f" of {n_val}, for time)" if len(val_codes) < n_val else ")") + (f"; the reference {meta['reference']['name']} scores {meta['reference']['validation_bpd_here']} on "
+                            + ("the same slices" if len(val_codes) == n_val else f"all {n_val}") if meta.get("reference") else "")),  # fmt: skip
     }
     folder = save_model(Path(args.out) / name, flow, config, extras=extras, half=half)
     loaded = load_model(folder, device=device)  # the project's loader: hash, architecture, weights
-    reloaded = evaluate_bpd(loaded.flow, val_codes, device, batch_size=64)
+    reloaded = evaluate_bpd(loaded.flow, val_codes, device, batch_size=64) if time.monotonic() + val_cost < T0 + deadline - 1 else None
     size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
     res.update(model_folder=str(folder), model_name=name, storage_dtype="float16" if half else "float32", model_mb=size / 1e6,
                weights_sha256=loaded.sha256, validation_bpd=bpd, reloaded_validation_bpd=reloaded,
                reference=meta.get("reference"))  # fmt: skip
-    log(f"train: wrote {folder} ({size / 1e6:.1f} MB, {res['storage_dtype']}): {bpd:.4f} bits/dim (reloaded {reloaded:.4f})")
+    log(f"train: wrote {folder} ({size / 1e6:.1f} MB, {res['storage_dtype']}): {bpd:.4f} bits/dim (reloaded {fmt(reloaded, 5)})")
     return res
 
 

@@ -152,7 +152,7 @@ def test_dry_run_on_the_cpu_meets_its_deadline(window_data, tmp_path):
     path, _ = window_data
     out = tmp_path / "out"
     cmd = [sys.executable, str(BENCH / "gpu_window.py"), "--deadline", "60", "--preset", "tiny", "--device", "cpu",
-           "--data", str(path), "--out", str(out), "--threads", "1", "--warm-start"]  # fmt: skip
+           "--data", str(path), "--out", str(out), "--threads", "1", "--max-model-mb", "1", "--warm-start"]  # fmt: skip
     t = time.monotonic()
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=150)
     wall = time.monotonic() - t
@@ -180,6 +180,8 @@ def test_dry_run_on_the_cpu_meets_its_deadline(window_data, tmp_path):
     assert tr["reloaded_validation_bpd"] == pytest.approx(tr["validation_bpd"], abs=1e-4)
     assert model.extras["start_images"].shape == (50, 144, 176) and "target_histogram" in model.extras
     assert model.config["training_data"]["subjects_train"] == ["01"] and tr["model_mb"] < 45
+    # --max-model-mb 1 takes the path `paper` takes on a GPU: float16 weights, scored as stored
+    assert tr["storage_dtype"] == model.config["storage_dtype"] == "float16"
 
     md = (out / "gpu_window-cpu.md").read_text()
     for heading in ("## 1. CUDA tests", "## 2. Harmonization loop per volume", "## 3. Training"):

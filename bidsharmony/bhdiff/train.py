@@ -170,10 +170,9 @@ def load_bhdiff_model(folder, device="cpu"):
     """(unet, config) from a bhdiff model folder; the weights' hash is checked, nothing unpickled."""
     from bidsharmony.bhdiff.unet import UNetConfig, VelocityUNet, state_shapes
     from bidsharmony.errors import ModelError
-    from bidsharmony.flow.checkpoint import CONFIG, check_shapes, read_config, read_weights
+    from bidsharmony.flow.checkpoint import CONFIG, check_shapes, read_folder
 
-    cfg = read_config(folder, fmt=FORMAT, version=1)
-    tensors = read_weights(folder, cfg)
+    cfg, tensors = read_folder(folder, fmt=FORMAT, version=1)
     try:
         arch = UNetConfig(**{**cfg["architecture"], "mults": tuple(cfg["architecture"]["mults"])})
     except (KeyError, TypeError, ValueError) as e:

@@ -75,7 +75,7 @@ def write_folder(folder, tensors: dict, config: dict) -> Path:
     """Write a complete model folder aside, then swap it in (``publish``): a reader finds the
     previous complete model or the new one, never a mix, and a kill leaves the previous one whole.
     ``config['format']`` says which model kind the folder holds."""
-    target = Path(folder).absolute()
+    target = Path(folder).resolve()  # a link to a model folder: the folder is replaced, the link kept
     stage = new_stage(target)
     try:
         write_safetensors(tensors, stage / WEIGHTS, metadata={"format": config["format"]})
@@ -122,7 +122,7 @@ def _stage_parent(folder: Path) -> Path:
 def new_stage(folder, tag: str | None = None) -> Path:
     """A new, empty hidden folder where the next version of ``folder`` is built (``tag``: a fixed
     name that outlives this process, as a training's resumable folder)."""
-    folder = Path(folder).absolute()
+    folder = Path(folder).resolve()
     recover_stale(folder)
     parent = _stage_parent(folder)
     stage = parent / f".{folder.name}.{tag or f'{os.getpid()}.partial'}"
@@ -160,7 +160,7 @@ def publish(stage, folder, keep_described: bool = False) -> None:
     model is replaced: its weights and config, and its card and figures unless the weights stay the
     same (``keep_described``); everything else in ``folder`` is kept. On failure ``folder`` is as
     before and ``stage`` still holds the new model."""
-    stage, folder = Path(stage), Path(folder).absolute()
+    stage, folder = Path(stage), Path(folder).resolve()
     replaced = {WEIGHTS, CONFIG} | (set() if keep_described else set(DESCRIBED))
     base = stage.name.removesuffix(".partial")
     carried, old = stage.with_name(base + ".carried"), stage.with_name(base + ".old")
@@ -201,7 +201,7 @@ def publish_training(stage, folder) -> None:
     """Publish a finished training's folder ``stage`` (``new_stage(folder, "training")``) as
     ``folder``. It is renamed first, so a kill mid-way never leaves the previous model where a rerun
     would resume from; if publication fails it goes back, and a rerun publishes it."""
-    stage, folder = Path(stage), Path(folder).absolute()
+    stage, folder = Path(stage), Path(folder).resolve()
     part = stage.with_name(f".{folder.name}.{os.getpid()}.partial")
     os.rename(stage, part)
     try:
@@ -235,7 +235,7 @@ def recover_stale(folder) -> None:
     """Finish or undo what a killed writer of ``folder`` left (hidden ``.<name>.<pid>.*`` entries
     whose process is dead): ``folder`` ends up holding a complete model, the old or the new one, and
     what was carried aside goes back. Entries of live writers are left alone."""
-    folder = Path(folder).absolute()
+    folder = Path(folder).resolve()
     pattern = re.compile(_LEFTOVER.format(name=re.escape(folder.name)))
     for parent in {folder.parent, folder} if folder.is_dir() else {folder.parent}:
         if not parent.is_dir():
@@ -368,14 +368,26 @@ def read_weights(folder, cfg: dict, verify_hash: bool = True) -> dict:
         raise ModelError(f"{weights}: not a readable safetensors file ({e})") from None
 
 
+def read_folder(folder, fmt: str = FORMAT, version: int = FORMAT_VERSION, verify_hash: bool = True) -> tuple[dict, dict]:
+    """(config, tensors) of one version of the folder: a reader whose config and weights straddle a
+    publication (the folder swapped between the two reads) reads again."""
+    cfg = read_config(folder, fmt, version)
+    try:
+        return cfg, read_weights(folder, cfg, verify_hash)
+    except ModelError:
+        if read_config(folder, fmt, version) == cfg:
+            raise
+    cfg = read_config(folder, fmt, version)
+    return cfg, read_weights(folder, cfg, verify_hash)
+
+
 def load_model(folder, device="cpu", verify_hash: bool = True) -> LoadedModel:
     """Load a model folder for inference (eval mode, float32, on ``device``)."""
     from bidsharmony.flow.model import FlowConfig, SliceFlow, state_shapes
 
     folder = Path(folder)
-    cfg = read_config(folder)
+    cfg, tensors = read_folder(folder, verify_hash=verify_hash)
     weights = folder / WEIGHTS
-    tensors = read_weights(folder, cfg, verify_hash)
     try:
         arch = FlowConfig.from_dict(cfg["architecture"])
     except (KeyError, TypeError, ValueError, AttributeError) as e:

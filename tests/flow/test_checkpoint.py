@@ -162,7 +162,9 @@ def test_a_new_model_replaces_the_old_ones_card_and_keeps_what_is_not_the_models
 
 
 def test_a_reader_sees_the_old_complete_folder_or_the_new_one_never_a_mix(saved):
-    """Each snapshot is taken through a directory descriptor, as a reader holding the folder sees it."""
+    """Each snapshot is taken through a directory descriptor, as a reader holding the folder sees it
+    (the old folder is removed after the swap: a reader holding it may find it emptied, never mixed);
+    load_model, which reads by path, reads again if the folder was swapped between its reads."""
     import hashlib
     import threading
 
@@ -183,7 +185,9 @@ def test_a_reader_sees_the_old_complete_folder_or_the_new_one_never_a_mix(saved)
                     cfg = json.loads(f.read())
                 with open(os.open(WEIGHTS, os.O_RDONLY, dir_fd=fd), "rb") as f:
                     sha = hashlib.sha256(f.read()).hexdigest()
-            except (FileNotFoundError, json.JSONDecodeError) as e:
+            except FileNotFoundError:
+                continue  # the old folder, removed after the swap
+            except json.JSONDecodeError as e:
                 problems.append(repr(e))
                 continue
             finally:
@@ -191,6 +195,10 @@ def test_a_reader_sees_the_old_complete_folder_or_the_new_one_never_a_mix(saved)
             seen.append(cfg["name"])
             if sha != cfg["weights_sha256"]:
                 problems.append(f"{cfg['name']}: config and weights of different models")
+            try:
+                load_model(folder)
+            except ModelError as e:
+                problems.append(str(e))
 
     reader = threading.Thread(target=read)
     reader.start()
@@ -296,3 +304,12 @@ def test_shapes_from_the_config_are_those_of_the_built_flow(arch):
     for cfg in [FlowConfig(**{**PRESETS["tiny"].to_dict(), **arch}), *([PRESETS["fast"]] if not arch else [])]:
         built = {k: tuple(v.shape) for k, v in SliceFlow(cfg).state_dict().items()}
         assert dict(state_shapes(cfg)) == built
+
+
+def test_a_link_to_a_model_folder_stays_a_link_to_the_new_model(saved, tmp_path):
+    flow, folder = saved
+    link = tmp_path / "current"
+    link.symlink_to(folder)
+    save_model(link, _other_weights(flow), {"name": "through the link"})
+    assert link.is_symlink() and load_model(folder).name == "through the link"
+    assert _hidden_leftovers(folder) == [] and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

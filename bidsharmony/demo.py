@@ -28,6 +28,8 @@ def main(argv=None) -> int:
         build_example(bids)
     common = ["-w", str(root / "work"), "--device", args.device]
     model = bundled_models().get(DEFAULT_MODEL)
+    if model is None and (root / "model" / "config.json").is_file():
+        model = root / "model"  # trained by an earlier demo run (train refuses a folder holding a model)
     if model is None:
         model = root / "model"
         print(f"no bundled model: training a tiny smoke-test model in {model}", file=sys.stderr)

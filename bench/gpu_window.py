@@ -291,10 +291,11 @@ def speed_stage(args, device, data: dict, deadline: float, budget: float, test_b
         return build_flow(name).to(device).eval(), f"`{name}` preset, random weights"
 
     plan = []
+    full = cuda or args.all_rows
     for name in ["tiny", "fast", "default", "paper"]:
-        for dt in (["fp32", "bf16"] if cuda else ["fp32"]):
+        for dt in (["fp32", "bf16"] if full else ["fp32"]):
             plan.append((name, dt, batch, False))
-    if cuda:
+    if full:
         plan += [("paper", "bf16", n, False), ("paper", "fp32", batch, True), ("paper", "bf16", batch, True)]
     flops_cache, flows = {}, {}
     for i, (name, dt, b, bench) in enumerate(plan):
@@ -765,6 +766,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-model-mb", type=float, default=45.0, help="store half precision above this (default 45 MB)")
     p.add_argument("--no-amp", action="store_true", help="train without bfloat16 conditioners on CUDA")
     p.add_argument("--no-cudnn-benchmark", action="store_true", help="train without cudnn.benchmark on CUDA")
+    p.add_argument("--all-rows", action="store_true", help="the speed rows a GPU gets (bf16, whole-volume batch, cudnn.benchmark) on any device")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip", nargs="*", default=[], choices=["tests", "speed", "train"])

@@ -710,7 +710,10 @@ def write_results(out: Path, slug: str, results: dict) -> tuple[Path, Path]:
                          f"{fmt(r.get('peak_mib'), 4)} | {fmt(r['gflop_per_volume'] / 1e3)} | {fmt(r.get('bound_s'))} | {fmt(r.get('x_bound'))} | "
                          f"{fmt(r['achieved_tflops'])} | {vs_text} |")  # fmt: skip
         goal = {True: "met", False: "not met", None: "not measured"}[s.get("paper_goal_3s_met")]
-        lines += ["", "† timed on that many slices and scaled to the volume.",
+        whats = {r["model"]: r["what"] for r in s["rows"] if r.get("what")}
+        lines += ["", "Models: " + "; ".join(f"{k}: {v}" for k, v in whats.items()) + ".",
+                  "vs fp32: the row's volume against the float32 row of the same model, same noise, in 12-bit codes.",
+                  "† timed on that many slices and scaled to the volume.",
                   f"`paper`, best row: {fmt(s.get('paper_best_s_per_volume'))} s per volume; goal ≤ 3 s: {goal}.", ""]
     else:
         lines += [f"{s.get('status', 'not run')}", ""]

@@ -21,7 +21,7 @@ hard stop. Every stage checks the time left before it starts anything, and the s
    ``--max-model-mb``), loaded back with ``load_model`` and scored again;
 4. ``<out>/gpu_window-<card>.{json,md}``: command, machine, versions, every figure.
 
-    # here (CPU): python bench/gpu_window_prepare.py    -> bench/gpu_window_data/ (~35 MiB)
+    # here (CPU): python bench/gpu_window_prepare.py    -> bench/gpu_window_data/ (~32 MiB)
     # GPU machine, carrying bench/gpu_window_data:
     python bench/gpu_window.py --deadline 540 --out $OUT
     # a CPU dry run (the test suite runs one):

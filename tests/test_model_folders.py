@@ -45,7 +45,7 @@ def test_train_refuses_a_folder_that_holds_a_model(capsys, example_bids, model_f
     code, errors = _run(capsys, example_bids, model_folder, *TRAIN, "-w", tmp_path / "work")
     assert code == EXIT_CANT_CREATE and len(errors) == 1
     assert f"{model_folder}: holds a model already; pass --overwrite to replace it, or choose another folder" in errors[0]
-    assert tree_digest(model_folder) == before and not (model_folder / "logs").exists()
+    assert tree_digest(model_folder) == before and not (model_folder / "logs").exists() and not (model_folder.parent / f".{model_folder.name}-logs").exists()
 
 
 @pytest.mark.parametrize("flag", [[], ["--overwrite"]])
@@ -66,8 +66,8 @@ def test_train_with_overwrite_replaces_the_model_as_a_whole_and_keeps_the_rest(c
     assert new.sha256 != old_sha and new.config["training_data"]["dataset"] == str(example_bids)
     assert "written by hand" not in (model_folder / CARD).read_text()  # the old model's card went with it
     assert (model_folder / "notes.txt").read_text() == "trained on the 2019 scans\n"  # not the model's: kept
-    assert (model_folder / "checkpoint" / "state.json").is_file() and any((model_folder / "logs").iterdir())
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # nothing left aside
+    assert (model_folder / "checkpoint" / "state.json").is_file() and any((model_folder.parent / f".{model_folder.name}-logs").iterdir())
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == [f".{model_folder.name}-logs"]  # nothing left aside but the logs
     code, errors = _run(capsys, example_bids, model_folder, *TRAIN, "-w", tmp_path / "work")  # finished: not resumed
     assert code == EXIT_CANT_CREATE and "--overwrite" in errors[0]
 

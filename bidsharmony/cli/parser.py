@@ -36,6 +36,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _model_name(text: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", text) or len(text) > 100:
+        raise argparse.ArgumentTypeError(f"{text!r}: a model name is a simple label (letters, digits, '-', '_', '.'; "
+                                         "starting with a letter or digit; 100 characters at most)")
+    return text
+
+
 def _non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
@@ -118,10 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("training (analysis level 'train')")
     g.add_argument("--preset", choices=PRESET_NAMES, default="fast", help="flow architecture")
-    g.add_argument("--steps", type=_positive_int, default=10000, help="optimisation steps")
-    g.add_argument("--train-batch-size", type=_positive_int, default=256, help="slices per training step")
+    g.add_argument("--steps", type=_positive_int, default=None, help="optimisation steps (default: 10000 on a GPU, 2000 on a CPU; bhdiff: 20000)")
+    g.add_argument("--train-batch-size", type=_positive_int, default=None, help="slices per training step (default: 256 on a GPU, 32 on a CPU; bhdiff: 2 patches)")
+    g.add_argument("--model-name", type=_model_name, default=None, metavar="NAME", help="the name recorded in the model's config.json (letters, digits, '-', '_', '.'); default: the OUTPUT_DIR folder's name")
     g.add_argument("--learning-rate", type=_non_negative_float, default=5e-4, help="Adam learning rate (cosine-annealed to 0)")
-    g.add_argument("--validation-fraction", type=_non_negative_float, default=0.1, help="fraction of subjects held out for validation")
+    g.add_argument("--validation-fraction", type=_non_negative_float, default=0.1, help="fraction of subjects held out for validation (at least one when there are 2 or more, never all; one subject: a contiguous block of its slices)")
     g.add_argument("--val-every", type=_positive_int, default=500, help="validate (and keep the best model) every N steps")
     g.add_argument("--checkpoint-every", type=_positive_int, default=250, help="save the training state every N steps (resume point)")
     g.add_argument("--bhdiff-preset", choices=("tiny", "small", "paper"), default="small", help="bhdiff: 3D U-Net size (paper: 97.5 M parameters, for GPUs)")
@@ -138,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--use-plugin", type=Path, metavar="FILE", help="Nipype plugin YAML (plugin: SLURM, plugin_args: {...})")
 
     g = p.add_argument_group("workflow")
-    g.add_argument("-w", "--work-dir", type=Path, metavar="DIR", help="Nipype work directory; a rerun reuses finished nodes (default: OUTPUT_DIR/.bidsharmony-work)")
+    g.add_argument("-w", "--work-dir", type=Path, metavar="DIR", help="Nipype work directory; a rerun reuses finished nodes (default: OUTPUT_DIR/.bidsharmony-work; train: .NAME-work beside the model folder)")
     g.add_argument("--clean-workdir", action="store_true", help="recompute the selected runs from scratch: remove their nodes from the work directory first (other runs' nodes are kept)")
     g.add_argument("--reports-only", action="store_true", help="participant level: only rewrite the HTML reports from the outputs already in OUTPUT_DIR")
     g.add_argument("--random-seed", type=int, default=0, help="fixes every random choice (dequantisation noise, training)")

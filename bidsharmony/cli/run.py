@@ -203,9 +203,12 @@ def check_options(opts) -> None:
             memory = None
     if memory is not None:
         _check_memory("--mem", memory, MIN_MEM_GB, "the largest node")
-    _check_not_a_file(opts.output_dir / "logs", "log directory", ancestors=False)
+    logs, work = opts.output_dir / "logs", opts.output_dir / ".bidsharmony-work"
+    if opts.analysis_level == "train":
+        logs, work = train_side_dirs(opts.output_dir.absolute(), opts.output_dir.absolute().name)
+    _check_not_a_file(logs, "log directory", ancestors=False)
     if opts.work_dir is None:
-        _check_not_a_file(opts.output_dir / ".bidsharmony-work", "work directory", ancestors=False)
+        _check_not_a_file(work, "work directory", ancestors=False)
     else:
         _check_not_a_file(opts.work_dir.absolute(), "work directory")
 
@@ -242,6 +245,29 @@ def _harmonize_params(opts, device: str) -> dict:
         batch_size=batch,
         seed=opts.random_seed,
     ).to_dict()
+
+
+def _train_params(opts, device: str) -> tuple[int, int]:
+    """Steps and batch size of a training: the options, or defaults that fit the device (a CPU
+    step on 256 slices takes seconds and gigabytes; 10 000 of them would run for hours)."""
+    gpu = device.startswith("cuda")
+    if opts.method == "bhdiff":
+        defaults, why = (20000, 2), "bhdiff defaults"
+    else:
+        defaults, why = ((10000, 256), "defaults for a GPU") if gpu else ((2000, 32), "defaults for a CPU")
+    steps = opts.steps or defaults[0]
+    batch = opts.train_batch_size or defaults[1]
+    chosen = [f"{what} {value} ({'--' + flag if given else why})" for what, value, flag, given in
+              (("steps", steps, "steps", opts.steps), ("batch size", batch, "train-batch-size", opts.train_batch_size))]
+    LOG.info("training on %s: %s", device, ", ".join(chosen))
+    return steps, batch
+
+
+def train_side_dirs(output_dir: Path, name: str) -> tuple[Path, Path]:
+    """The train level's logs and work directory: beside the model folder, hidden, so that the
+    published folder holds the model's files only."""
+    parent = output_dir.parent
+    return parent / f".{name}-logs", parent / f".{name}-work"
 
 
 def _select_runs(opts):
@@ -446,13 +472,15 @@ def run_train(opts, nprocs: int, omp: int, work_dir: Path, log_dir: Path) -> int
     if len(slices) < 2:
         raise BidsHarmonyError(f"{opts.bids_dir}: only {len(slices)} slice(s) with head found; cannot train")
     train, val = tdata.split_by_subject(slices, opts.validation_fraction, opts.random_seed)
-    LOG.info("training on %d slices (%d subjects), validating on %d slices", len(train), len(set(train.subject)), len(val))
+    LOG.info("training on %d slices (%d subjects), validating on %d slices (%d subjects)",
+             len(train), len(set(train.subject)), len(val), len(set(val.subject)))
+    steps, batch = _train_params(opts, device)
     cfg = TrainConfig(
-        preset=opts.preset, steps=opts.steps, batch_size=opts.train_batch_size, learning_rate=opts.learning_rate,
+        preset=opts.preset, steps=steps, batch_size=batch, learning_rate=opts.learning_rate,
         val_every=opts.val_every, checkpoint_every=opts.checkpoint_every, augment=opts.augment, seed=opts.random_seed, amp=opts.amp,
     )  # fmt: skip
     meta = {
-        "name": opts.output_dir.resolve().name,
+        "name": opts.model_name or opts.output_dir.resolve().name,
         "preset": opts.preset,
         "software_version": __version__,
         "preprocessing": {
@@ -505,14 +533,15 @@ def _train_bhdiff(opts, runs, device: str, nprocs: int, work_dir: Path, log_dir:
     LOG.info("edges and normalisation of %d volume(s)", len(volumes))
     prepared = [prepare_volume(v) for v in volumes]
     hist = slice_histogram(np.concatenate([s[r.harmonize.astype(bool)] for s, r in (cut(v) for v in volumes)]))
-    cfg = BHDiffTrainConfig(preset=opts.bhdiff_preset, steps=opts.steps, batch_size=opts.train_batch_size,
+    steps, batch = _train_params(opts, device)
+    cfg = BHDiffTrainConfig(preset=opts.bhdiff_preset, steps=steps, batch_size=batch,
                             learning_rate=opts.learning_rate, patch=opts.train_patch,
                             checkpoint_every=opts.checkpoint_every, seed=opts.random_seed, amp=opts.amp)  # fmt: skip
     from bidsharmony.flow.checkpoint import new_stage, publish_training
 
     stage = new_stage(opts.output_dir, "training")  # built aside, resumable, swapped in when finished
     result = train_bhdiff(prepared, cfg, stage, device=device, progress=opts.verbose > 0, overwrite=opts.overwrite)
-    meta = {"name": opts.output_dir.resolve().name, "preset": opts.bhdiff_preset, "software_version": __version__,
+    meta = {"name": opts.model_name or opts.output_dir.resolve().name, "preset": opts.bhdiff_preset, "software_version": __version__,
             "method": "bhdiff", "target_histogram": [round(float(x), 5) for x in hist],
             "training": {**asdict(cfg), "device": device, "seconds_last_run": round(result["seconds"], 1),
                          "final_loss_mean_last_50": round(float(np.mean(result["losses"][-50:])), 5)},
@@ -576,9 +605,15 @@ def _main(opts) -> int:
         bids.check_output_dir(opts.bids_dir, opts.output_dir)
         from bidsharmony.outputs import ensure_inside
 
-        log_dir = ensure_inside(opts.output_dir / "logs", opts.output_dir)
+        if opts.analysis_level == "train":  # beside the model folder, which holds the model only
+            log_dir, default_work = train_side_dirs(opts.output_dir, opts.output_dir.name)
+            ensure_inside(log_dir, opts.output_dir.parent)
+            ensure_inside(default_work, opts.output_dir.parent)
+        else:
+            log_dir = ensure_inside(opts.output_dir / "logs", opts.output_dir)
+            default_work = opts.output_dir / ".bidsharmony-work"
         _setup_logging(opts.verbose, log_dir)
-        work_dir = (opts.work_dir or ensure_inside(opts.output_dir / ".bidsharmony-work", opts.output_dir)).absolute()
+        work_dir = (opts.work_dir or ensure_inside(default_work, default_work.parent)).absolute()
         bids.check_work_dir(opts.bids_dir, work_dir)
         if opts.analysis_level != "group" and not opts.skip_bids_validation:
             from bidsharmony.validation import validate_dataset

@@ -45,16 +45,25 @@ def load_slice_set(items) -> SliceSet:
 
 
 def split_by_subject(data: SliceSet, fraction: float, seed: int) -> tuple[SliceSet, SliceSet]:
-    """Validation subjects are drawn with the seed; with one subject, every 10th slice validates."""
+    """Validation subjects are drawn with the seed: round(fraction x subjects), but at least one
+    (with 2 or more subjects) and never all. With one subject, a contiguous block of its slices
+    (``fraction`` of them, at least one; the middle of the stack, where the head is) validates:
+    neighbouring slices are near copies, so every 10th slice would validate on training data."""
     subjects = np.unique(data.subject)
     if len(subjects) < 2:
-        LOG.warning("one subject only: validating on every 10th slice of it (no subject-level split)")
-        val = np.zeros(len(data), bool)
-        val[::10] = True
+        n = len(data)
+        n_val = min(n - 1, max(1, int(round(fraction * n)))) if n > 1 else 0
+        start = (n - n_val) // 2
+        val = np.zeros(n, bool)
+        val[start:start + n_val] = True
+        LOG.warning("one subject only: validating on a held-out contiguous block of %d of its %d slices "
+                    "(slices %d-%d; no subject-level split: add subjects for an honest validation)",
+                    n_val, n, start, start + n_val - 1)
         return data.subset(~val), data.subset(val)
     rng = np.random.default_rng(seed)
     n_val = min(len(subjects) - 1, max(1, int(round(fraction * len(subjects)))))
     val_subjects = rng.choice(subjects, size=n_val, replace=False)
+    LOG.info("validation: %d of %d subjects held out (%s)", n_val, len(subjects), ", ".join(map(str, sorted(val_subjects))))
     val = np.isin(data.subject, val_subjects)
     return data.subset(~val), data.subset(val)
 

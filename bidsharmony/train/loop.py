@@ -101,6 +101,20 @@ def resume_conflict(state_dir: Path, saved: dict, current: dict) -> str | None:
     return None
 
 
+def progress_line(step: int, steps: int, first: int, train_bpd: list, val_bpd: float | None, seconds: float) -> str:
+    """``training 25% (500/2000 steps), loss 3.412, val 3.501 bits/dim, 3.2 min elapsed, ~9.6 min left``:
+    the loss is the mean of the last 5 % of steps; the time left is extrapolated from this run's steps."""
+    recent = train_bpd[-max(1, steps // 20):]
+    parts = [f"training {100 * step // steps}% ({step}/{steps} steps)",
+             f"loss {sum(recent) / len(recent):.3f}" if recent else "loss -",
+             f"val {val_bpd:.3f} bits/dim" if val_bpd is not None else "val - (not yet)",
+             f"{seconds / 60:.1f} min elapsed"]
+    done = step - first
+    if step < steps and done > 0:
+        parts.append(f"~{seconds / done * (steps - step) / 60:.1f} min left")
+    return ", ".join(parts)
+
+
 def _save_state(folder: Path, flow, opt, sched, gen, step: int, history: dict, best: float, cfg: TrainConfig, data: dict) -> None:
     import torch
 
@@ -205,6 +219,8 @@ def train_flow(train: SliceSet, val: SliceSet, cfg: TrainConfig, out_dir, device
                 m.amp_dtype = torch.bfloat16
     flow.train()
     last = min(cfg.steps, stop_at or cfg.steps)
+    first, every = step, max(1, math.ceil(cfg.steps / 20))  # a log line every 5 % of the steps
+    last_val = history["val_bpd"][-1] if history["val_bpd"] else None
     while step < last:
         idx = torch.randint(len(train), (cfg.batch_size,), generator=gen).numpy()
         flip = torch.rand(cfg.batch_size, generator=gen) < 0.5 if cfg.augment else None
@@ -225,7 +241,8 @@ def train_flow(train: SliceSet, val: SliceSet, cfg: TrainConfig, out_dir, device
             val_bpd = evaluate_bpd(flow, val.codes, device)
             history["val_step"].append(step)
             history["val_bpd"].append(round(val_bpd, 5))
-            LOG.info("step %d: validation %.4f bits/dim", step, val_bpd)
+            last_val = val_bpd
+            LOG.debug("step %d: validation %.4f bits/dim", step, val_bpd)
             if val_bpd < best:
                 best = val_bpd
                 card_meta = dict(meta or {})
@@ -234,6 +251,8 @@ def train_flow(train: SliceSet, val: SliceSet, cfg: TrainConfig, out_dir, device
                 save_model(out_dir, flow, card_meta, extras=extras)
         if step % cfg.checkpoint_every == 0 or step == last:
             _save_state(state_dir, flow, opt, sched, gen, step, history, best, cfg, data)
+        if step % every == 0 or step == cfg.steps:
+            LOG.info("%s", progress_line(step, cfg.steps, first, history["train_bpd"], last_val, time.perf_counter() - t0))
     if bar is not None:
         bar.close()
     seconds = time.perf_counter() - t0

@@ -98,3 +98,13 @@ def test_train_level_publishes_a_clean_model_folder(example_bids, tmp_path, caps
     assert re.search(r"training 50% \(2/4 steps\), loss [\d.]+, val [\d.]+ bits/dim, [\d.]+ min elapsed, ~[\d.]+ min left", logged)
     assert "training 100% (4/4 steps)" in logged and "training 100% (4/4 steps)" in err
     assert "steps 4 (--steps), batch size 2 (--train-batch-size)" in logged
+
+
+@pytest.mark.parametrize("which", ["logs", "work"])
+def test_a_file_where_the_train_side_folders_go_is_refused_before_anything_is_written(example_bids, tmp_path, capsys, which):
+    blocker = tmp_path / f".scanner-{which}"
+    blocker.write_text("x")
+    code = main([str(example_bids), str(tmp_path / "scanner"), *TRAIN])
+    err = capsys.readouterr().err
+    assert code != 0 and f"{blocker}: exists and is not a directory" in err
+    assert not (tmp_path / "scanner").exists()

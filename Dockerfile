@@ -30,10 +30,11 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 RUN pip install --index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}"
 
 WORKDIR /opt/bidsharmony
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY bidsharmony ./bidsharmony
 # The default model ships inside the package (bidsharmony/data/models): nothing is downloaded at run time.
-RUN pip install . && bidsharmony --version
+# constraints.txt pins every other Python package to the versions this release was tested with.
+RUN pip install --constraint constraints.txt . && bidsharmony --version
 
 # A non-root user with a writable HOME (matplotlib, Nipype and pip caches); under Singularity the
 # host user is used instead, and HOME is bound by the runtime.

@@ -57,3 +57,27 @@ def test_singularity_recipe_parses_and_builds_from_the_docker_image():
 
 def test_boutiques_names_the_same_image():
     assert json.loads((REPO / "boutiques.json").read_text())["container-image"]["image"] == IMAGE
+
+
+def test_the_image_installs_pinned_versions_that_satisfy_the_package_ranges():
+    """constraints.txt pins every core dependency (torch aside) within pyproject.toml's ranges, and
+    the Dockerfile installs through it: an image built later gets the tested versions."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    pins = {}
+    for line in (REPO / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, version = line.split("==")
+            pins[canonicalize_name(name)] = version
+    deps = [Requirement(d) for d in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]]
+    for req in deps:
+        name = canonicalize_name(req.name)
+        if name == "torch":
+            assert name not in pins  # its build (CUDA or CPU) comes from the image's index
+            continue
+        assert name in pins, f"{req.name} is not pinned in constraints.txt"
+        assert req.specifier.contains(pins[name], prereleases=True), f"{req.name}=={pins[name]} is outside {req.specifier}"
+    assert "--constraint constraints.txt" in DOCKERFILE and "constraints.txt" in re.search(r"^COPY .*README.*$", DOCKERFILE, re.M).group(0)

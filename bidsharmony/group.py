@@ -56,9 +56,9 @@ def scanner_label(scanner: dict) -> str:
     return label or "unknown scanner"
 
 
-def collect_rows(out_dir, skipped: list | None = None) -> list[dict]:
+def collect_rows(out_dir, skipped: list | None = None, metas: list | None = None) -> list[dict]:
     """One row per readable sidecar; a broken one is logged and appended to ``skipped`` as
-    (relative path, cause)."""
+    (relative path, cause); ``metas`` gets each row's whole sidecar."""
     out_dir = Path(out_dir)
     rows = []
     for sidecar in sorted(out_dir.glob("sub-*/**/anat/*_desc-harmonized_T1w.json")):
@@ -69,6 +69,8 @@ def collect_rows(out_dir, skipped: list | None = None) -> list[dict]:
             if skipped is not None:
                 skipped.append((sidecar.relative_to(out_dir).as_posix(), str(e)))
             continue
+        if metas is not None:
+            metas.append(meta)
         model, quality, scanner = meta.get("Model") or {}, meta.get("Quality") or {}, meta.get("SourceScanner") or {}
         rows.append({
             "file": sidecar.relative_to(out_dir).as_posix().replace(".json", ".nii.gz"),
@@ -147,12 +149,13 @@ def write_group_summary(out_dir) -> Path:
 
     out_dir = Path(out_dir)
     skipped: list[tuple[str, str]] = []
-    rows = collect_rows(out_dir, skipped)
+    metas: list[dict] = []
+    rows = collect_rows(out_dir, skipped, metas)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=COLUMNS, delimiter="\t", lineterminator="\n")
     writer.writeheader()
     writer.writerows([{k: ("n/a" if v is None else v) for k, v in r.items()} for r in rows])
     path = out_dir / "group.tsv"
     atomic_write_text(path, buf.getvalue(), root=out_dir)
-    write_group_report(out_dir, rows, summarise(rows), plot_group(out_dir, rows), skipped=skipped)
+    write_group_report(out_dir, rows, summarise(rows), plot_group(out_dir, rows), skipped=skipped, metas=metas)
     return path

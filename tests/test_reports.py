@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import csv
 import json
 import re
@@ -16,17 +17,48 @@ import pytest
 from bidsharmony.cli.run import main
 from bidsharmony.reports.html import run_warnings
 
+from .browser import Browser, chromium
+
 
 def _sidecars(out: Path) -> list[Path]:
     return sorted(out.glob("sub-*/**/anat/*_desc-harmonized_T1w.json"))
 
 
-def _png_is_a_picture(path: Path) -> None:
+def _png_is_a_picture(path) -> None:
     import matplotlib.image as mpimg
 
-    img = mpimg.imread(str(path))  # a decodable PNG
-    assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
+    img = mpimg.imread(path, format="png")  # a decodable PNG
+    if img.ndim == 2:
+        img = img[..., None]
+    assert img.shape[0] > 100 and img.shape[1] > 100
     assert float(img[..., :3].std()) > 0.02, f"{path} is blank"
+
+
+def _svg_layers(path: Path) -> dict:
+    """{layer class: PNG bytes} of a mosaic SVG, checked to be a mosaic of 7 labelled cuts per
+    orientation whose layers are pictures of the view's size."""
+    import io
+    import xml.etree.ElementTree as ET
+
+    import matplotlib.image as mpimg
+
+    ns = {"svg": "http://www.w3.org/2000/svg"}
+    root = ET.parse(path).getroot()
+    width, height = int(root.get("width")), int(root.get("height"))
+    labels = [t.text for t in root.iterfind("svg:g[@class='labels']/svg:text", ns)]
+    assert [lab.split(" =")[0] for lab in labels] == ["x"] * 7 + ["y"] * 7 + ["z"] * 7, labels
+    assert len(set(labels)) == 21  # 21 different cuts
+    layers = {}
+    for g in root.iterfind("svg:g", ns):
+        if "layer" not in g.get("class", "").split():
+            continue
+        image = g.find("svg:image", ns)
+        data = base64.b64decode(image.get("href").split("base64,", 1)[1])
+        pixels = mpimg.imread(io.BytesIO(data), format="png")
+        assert pixels.shape[:2] == (height, width)
+        _png_is_a_picture(io.BytesIO(data))
+        layers[g.get("class").split()[1]] = data
+    return layers
 
 
 def test_participant_reports_show_every_run_with_its_figures_and_sidecar_values(participant_run):
@@ -37,9 +69,18 @@ def test_participant_reports_show_every_run_with_its_figures_and_sidecar_values(
         sidecars = [p for p in _sidecars(out) if p.name.startswith(f"sub-{subject}_")]
         assert len(sidecars) == n_runs
         sources = re.findall(r'<img src="([^"]+)"', html)
-        assert len(sources) == 3 * n_runs  # before/after, histograms, convergence per run
+        assert len(sources) == 3 * n_runs  # difference, histograms, convergence per run
         for src in sources:
-            _png_is_a_picture(out / unescape(src))
+            if src.endswith(".svg"):
+                assert list(_svg_layers(out / unescape(src))) == ["layer-difference"]
+            else:
+                _png_is_a_picture(out / unescape(src))
+        flips = re.findall(r'<object class="flip" type="image/svg\+xml" data="([^"]+)"', html)
+        assert len(flips) == n_runs
+        for src in flips:
+            assert re.fullmatch(rf"sub-{subject}/figures/sub-{subject}_[^/]+_desc-beforeafter_T1w\.svg", unescape(src))
+            layers = _svg_layers(out / unescape(src))
+            assert list(layers) == ["layer-before", "layer-after"] and layers["layer-before"] != layers["layer-after"]
         for sidecar in sidecars:
             meta = json.loads(sidecar.read_text())
             stem = sidecar.name.split("_desc-")[0]
@@ -61,13 +102,68 @@ def test_quality_metrics_are_recorded_and_sane(participant_run):
 
 
 def test_warnings_name_what_to_check():
-    quiet = {"FallbackSlices": 0, "Quality": {"SliceStepRatio": 1.1, "SimilarityToInput": 0.99,
-                                              "HistogramDistanceBefore": 0.05, "HistogramDistanceAfter": 0.02}}
+    quiet = {"FallbackSlices": 0, "Model": {"Name": "ixi-hh-fast", "Preset": "fast", "ValidationBitsPerDim": 6.59},
+             "Quality": {"SliceStepRatio": 1.1, "SimilarityToInput": 0.99,
+                         "HistogramDistanceBefore": 0.05, "HistogramDistanceAfter": 0.02}}  # fmt: skip
     assert run_warnings(quiet) == []
     loud = {"FallbackSlices": 3, "Quality": {"SliceStepRatio": 4.8, "SimilarityToInput": 0.8,
                                              "HistogramDistanceBefore": 0.02, "HistogramDistanceAfter": 0.05}}
     text = " ".join(run_warnings(loud))
     assert "3 slice(s) fell back" in text and "4.8×" in text and "moved away" in text and "0.800" in text
+    # (Almost) nothing changed: similar to the input and no closer to the target.
+    same = {"Quality": {"SimilarityToInput": 0.9995, "HistogramDistanceBefore": 0.08, "HistogramDistanceAfter": 0.078}}
+    (warning,) = run_warnings(same)
+    assert "changed (almost) nothing" in warning and "0.9995" in warning and "0.08 → 0.078" in warning
+    # As similar, but well on the way to the target: a real change of contrast, no warning.
+    assert run_warnings({"Quality": {**same["Quality"], "HistogramDistanceAfter": 0.03}}) == []
+    # A weak model: validation bits/dim above the threshold, a smoke-test preset, or a card saying so.
+    for model, why in (
+        ({"Name": "m", "Preset": "fast", "ValidationBitsPerDim": 9.5}, "is a weak prior (its validation loss is 9.50 bits/dim, above 8"),
+        ({"Name": "m", "Preset": "tiny"}, "is no useful prior (its preset is 'tiny', for smoke tests"),
+        ({"Name": "m", "Preset": "fast", "SmokeTest": True}, "is no useful prior (its model card calls it a smoke-test model"),
+    ):
+        (warning,) = run_warnings({**quiet, "Model": model})
+        assert warning.startswith(f"Weak model: m {why}"), warning
+
+
+def test_the_methods_paragraph_is_written_from_the_sidecar(participant_run):
+    from bidsharmony.reports import boilerplate
+
+    out = participant_run["out"]
+    meta = json.loads(_sidecars(out)[0].read_text())
+    text = boilerplate.plain(meta)
+    p, model = meta["Parameters"], meta["Model"]
+    for fact in (f"bidsharmony {meta['SoftwareVersion']}", f"the model {model['Name']} (tiny preset; weights sha256 {model['Sha256']}",
+                 f"validation {model['ValidationBitsPerDim']:g} bits/dim", "1.2 mm isotropic voxels", f"{p['iterations']} iterations",
+                 "β_fidelity = 1000, β_gradient = 0.001 and α = 0.001", "uncentred cosine similarity", "alternating scheme",
+                 "starting from the source slice", "random seed 0", "original voxels", f"PyTorch {meta['TorchVersion']}",
+                 f"Nipype {meta['SoftwareDependencies']['nipype']}", f"antspyx {meta['SoftwareDependencies']['antspyx']}",
+                 f"PyBIDS {meta['SoftwareDependencies']['pybids']}"):  # fmt: skip
+        assert fact in text, fact
+    refs = text.split("\nReferences\n", 1)[1]
+    for paper in ("BlindHarmony", "ICCV", "MRFlow", "ISMRM", "Nipype", "ANTsX", "PyBIDS", "PyTorch"):
+        assert paper in refs, paper
+    assert "BlindHarmonyDiff" not in text
+    # Every cited number is a reference, and every reference is cited.
+    n_refs = len(re.findall(r"^\[\d+\] ", refs, re.M))
+    cited = {int(n) for group in re.findall(r"\[([\d, ]+)\]", text.split("\nReferences\n")[0]) for n in group.split(",")}
+    assert cited == set(range(1, n_refs + 1))
+    # Other settings, other words: the latent solver from the mean start with NCC, and the 3D method.
+    other = {**meta, "Parameters": {**p, "solver": "latent", "latent_lr": 0.02, "start": "mean", "similarity": "ncc"},
+             "OutputSpace": "RAS, isotropic, the model's voxel size"}  # fmt: skip
+    text = boilerplate.plain(other)
+    assert "Adam on the latent code (step 0.02)" in text and "mean target slice" in text and "cross-correlation" in text
+    assert "kept on the 1.2 mm isotropic RAS grid" in text
+    bh = {**meta, "Method": "bhdiff (3D rectified flow, BlindHarmonyDiff)",
+          "Parameters": {"ode_steps": 15, "refine_steps": 6, "refine_step": 0.005, "patch": 64, "seed": 0}}  # fmt: skip
+    text = boilerplate.plain(bh)
+    assert "BlindHarmonyDiff" in text and "2505.00133" in text and "15 midpoint steps" in text and "cubes of 64 voxels" in text
+    assert "MRFlow" not in text
+    # Shown in each participant report and in the group report, as written from the sidecar.
+    from html import escape
+
+    paragraph = escape(boilerplate.plain(meta).split("\n\nReferences", 1)[0])
+    assert paragraph in (out / "sub-01.html").read_text()
 
 
 def test_group_level_summarises_runs_by_scanner(participant_run, tmp_path):
@@ -93,29 +189,76 @@ def test_group_level_summarises_runs_by_scanner(participant_run, tmp_path):
     for s, m in means.items():
         assert re.search(rf"<td>{re.escape(s)}</td><td>2</td>(<td>[^<]*</td>){{3}}<td>{m:.4g}</td>", html)
     _png_is_a_picture(out / "figures" / "group_metrics.png")
+    # Each run links to its own section of its participant report, and the methods are there too.
+    for sidecar in sidecars:
+        stem = sidecar.name.split("_desc-")[0]
+        assert f'href="{stem.split("_")[0]}.html#{stem}"' in html
+    from html import escape
+
+    from bidsharmony.reports import boilerplate
+
+    meta = json.loads(sidecars[0].read_text())
+    assert escape(boilerplate.plain(meta).split("\n\nReferences", 1)[0]) in html
+    # The tiny test model is flagged in every run.
+    check = html.split('<h2 id="check">', 1)[1].split("<h2 ", 1)[0]
+    assert check.count("Weak model: tiny is no useful prior") == len(sidecars)
 
 
-def _chromium():
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        if path := shutil.which(name):
-            return path
-    pytest.skip("no headless Chromium here (apt-get install chromium; .ci/run installs it)")
+def test_a_figure_that_cannot_be_drawn_does_not_hold_back_the_derivative(participant_run, tiny_model, tmp_path, capsys):
+    """The figures are drawn beside the sink, not before it: with sub-01/figures a file (no figure
+    can be written), the run still writes every derivative with the same sidecar, exits 0, and the
+    report says which figures are missing."""
+    import networkx as nx
+
+    from bidsharmony import bids
+    from bidsharmony.workflows.base import init_bidsharmony_wf
+
+    runs = bids.collect_t1w(participant_run["bids"], participants=["01"])
+    wf = init_bidsharmony_wf(runs, tmp_path / "o", tiny_model)
+    for label in ("sub_01_ses_1", "sub_01_ses_2"):
+        report, quality, sink = (wf.get_node(f"{label}_{n}") for n in ("report", "quality", "ds"))
+        assert nx.has_path(wf._graph, quality, sink) and not nx.has_path(wf._graph, report, sink)
+
+    out = tmp_path / "out"
+    (out / "sub-01").mkdir(parents=True)
+    shutil.copy(participant_run["out"] / "dataset_description.json", out)
+    (out / "sub-01" / "figures").write_text("a file where the figures folder goes\n")
+    code = main([str(participant_run["bids"]), str(out), "participant", "--participant-label", "01", "--model", str(tiny_model),
+                 "--nprocs", "1", "-w", str(participant_run["work"]), "--device", "cpu", "--skip-bids-validation"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 0, err
+    sidecars = _sidecars(out)
+    assert len(sidecars) == 2
+    for sidecar in sidecars:
+        assert sidecar.with_name(sidecar.name.replace(".json", ".nii.gz")).is_file()
+        reference = participant_run["out"] / sidecar.relative_to(out)
+        assert json.loads(sidecar.read_text()) == json.loads(reference.read_text())  # the same sidecar, SliceStepRatio included
+    assert err.count("not drawn") == 2 * 4, err  # each of the 4 figures of both runs, named in the log
+    html = (out / "sub-01.html").read_text()
+    assert html.count("Figure missing") == 8 and "<h2 id=\"methods\">" in html
+
+
+def _copy(participant_run, tmp_path, group=False) -> Path:
+    out = tmp_path / "copy"
+    shutil.copytree(participant_run["out"], out, ignore=shutil.ignore_patterns("*.nii.gz", ".bidsharmony-work"))
+    if group:
+        assert main([str(participant_run["bids"]), str(out), "group"]) == 0
+    return out
 
 
 @pytest.mark.parametrize("page", ["sub-01.html", "group.html"])
 def test_reports_render_in_a_headless_browser(participant_run, tmp_path, page):
     """Chromium loads the page as a user would: every figure decodes (marked by its onload), and
     the screenshot is not blank. The copy elsewhere proves the report is self-contained."""
-    browser = _chromium()
-    out = tmp_path / "copy"
-    shutil.copytree(participant_run["out"], out, ignore=shutil.ignore_patterns("*.nii.gz", ".bidsharmony-work"))
-    if page == "group.html":
-        assert main([str(participant_run["bids"]), str(out), "group"]) == 0
+    browser = chromium()
+    out = _copy(participant_run, tmp_path, group=page == "group.html")
     url = (out / page).as_uri()
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--virtual-time-budget=10000"]
     dom = subprocess.run([browser, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
-    imgs = re.findall(r"<img [^>]*>", dom)
-    assert imgs and all('data-loaded="1"' in i for i in imgs), [i for i in imgs if 'data-loaded="1"' not in i]
+    figures = re.findall(r"<(?:img|object) [^>]*>", dom)
+    assert figures and all('data-loaded="1"' in i for i in figures), [i for i in figures if 'data-loaded="1"' not in i]
+    if page == "sub-01.html":
+        assert sum(f.startswith("<object") for f in figures) == 2 and sum(f.startswith("<img") for f in figures) == 6
     shot = tmp_path / "shot.png"
     subprocess.run([browser, *flags, f"--screenshot={shot}", "--window-size=1100,2400", url], capture_output=True, timeout=120)
     import matplotlib.image as mpimg
@@ -123,3 +266,72 @@ def test_reports_render_in_a_headless_browser(participant_run, tmp_path, page):
     pixels = mpimg.imread(str(shot))[..., :3]
     assert pixels.shape[:2] == (2400, 1100)
     assert (pixels.mean(axis=2) < 0.9).mean() > 0.05, "the page renders (almost) blank"
+
+
+_LAYERS = "[...document.querySelectorAll('g.layer')].map(g => [g.classList[1], getComputedStyle(g).opacity])"
+
+
+def test_the_before_after_view_flips_on_hover_and_on_click(participant_run, tmp_path):
+    """In the participant report, each before/after view shows the input at rest, the harmonized
+    image under the pointer, and each click swaps the two: read from the layers' computed opacity
+    inside the SVG and from the pixels on screen."""
+    out = _copy(participant_run, tmp_path)
+    with Browser(chromium(), 1100, 900) as b:
+        b.goto((out / "sub-01.html").as_uri())
+        frames = [f for f in b.frames() if f["url"].endswith("_desc-beforeafter_T1w.svg")]
+        assert len(frames) == 2
+        ctx = b.frame_context(frames[0]["id"])
+        # Scrolled so that the view's top is 200 px down the screen: the pointer can rest above it.
+        box = b.js("(() => { const o = document.querySelector('object.flip'); window.scrollTo(0, o.offsetTop - 200);"
+                   "const r = o.getBoundingClientRect(); return [r.x, r.y, r.width, r.height]; })()")  # fmt: skip
+        x, y, w, h = box
+        assert y == pytest.approx(200, abs=2) and w > 600 and h > 100
+        centre, away = (x + w / 2, y + h / 2), (x + w / 2, y - 100)
+
+        def shown():
+            layers = dict(b.js(_LAYERS, ctx))
+            visible = [name for name, opacity in layers.items() if float(opacity) > 0.5]
+            assert len(layers) == 2 and len(visible) == 1, layers
+            return visible[0], b.screenshot(x, y, w, h)
+
+        states = []
+        steps = [("rest", None), ("hover", centre), ("click", centre), ("leave", away), ("hover", centre), ("click", centre),
+                 ("leave", away)]  # fmt: skip
+        for step, where in steps:
+            if step == "click":
+                b.click(*where)
+            elif where:
+                b.mouse("mouseMoved", *where)
+            states.append(shown())
+        names = [name.removeprefix("layer-") for name, _ in states]
+        # Hovering flips the view; each click flips it too, and the clicked view stays when the pointer leaves.
+        assert names == ["before", "after", "before", "after", "before", "after", "before"], list(zip(steps, names))
+        before, after = states[0][1], states[1][1]
+        assert before.std() > 0.05 and after.std() > 0.05  # the mosaics are on screen, not blank
+        # What is on screen changes when the view flips (the test's tiny model changes the image only a little) ...
+        assert np.abs(before - after).mean() > 0.003
+        for name, pixels in states[2:]:  # ... and each flip shows the same picture again
+            assert np.abs(pixels - (before if name == "layer-before" else after)).mean() < 0.0005
+
+
+def test_group_tables_fit_the_screen_and_every_run_link_opens_its_section(participant_run, tmp_path):
+    out = _copy(participant_run, tmp_path, group=True)
+    with Browser(chromium(), 1024, 800) as b:
+        for width in (1024, 720):
+            b.resize(width, 800)
+            b.goto((out / "group.html").as_uri())
+            page = b.js("[document.documentElement.scrollWidth, window.innerWidth]")
+            assert page[0] <= page[1], f"the page scrolls sideways at {width} px: {page}"
+            tables = b.js("[...document.querySelectorAll('table')].map(t => { const c = t.closest('.scroll');"
+                          "const r = (c || t).getBoundingClientRect(); return [!!c, r.left, r.right]; })")  # fmt: skip
+            assert tables and all(inside and 0 <= left and right <= width for inside, left, right in tables), tables
+        links = b.js("[...document.querySelectorAll('table.runs a')].map(a => a.href)")
+        runs = sorted(p.name.split("_desc-")[0] for p in _sidecars(out))
+        assert sorted({link.split("#")[1] for link in links}) == runs
+        for link in sorted(set(links)):
+            b.goto(link)
+            target = b.js("(() => { const t = document.querySelector(':target'); return t && [t.tagName, t.id, "
+                          "Math.round(t.getBoundingClientRect().top)]; })()")  # fmt: skip
+            stem = link.split("#")[1]
+            assert target is not None and target[:2] == ["H2", stem], (link, target)
+            assert 0 <= target[2] < 50, f"{link}: the section is not scrolled into view ({target})"

@@ -292,7 +292,7 @@ def _clean_work_dir(work_dir: Path, runs) -> None:
     for top in sorted(p for p in work_dir.glob("*_wf") if p.is_dir() and not p.is_symlink()):
         for node in sorted(top.iterdir()):
             label = node.name.rsplit("_", 1)[0]
-            if node.is_dir() and not node.is_symlink() and label in labels and node.name.endswith(("_wf", "_report", "_ds")):
+            if node.is_dir() and not node.is_symlink() and label in labels and node.name.endswith(("_wf", "_quality", "_report", "_ds")):
                 LOG.info("--clean-workdir: removing %s", node)
                 shutil.rmtree(node)
 

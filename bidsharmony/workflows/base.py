@@ -7,7 +7,7 @@ import re
 from nipype.pipeline import engine as pe
 
 from bidsharmony.interfaces.derivatives import DerivativesSink
-from bidsharmony.interfaces.report import ReportFigures
+from bidsharmony.interfaces.report import ReportFigures, RunQuality
 from bidsharmony.workflows.harmonize import init_harmonize_wf
 
 
@@ -31,19 +31,54 @@ def workflow_name() -> str:
     return f"bidsharmony_{_nipype_safe(__version__)}_wf"
 
 
+def model_facts(model) -> dict:
+    """What the sidecar's ``Model`` records about the model's own quality, from its folder: the
+    validation bits/dim where training recorded it, and ``SmokeTest`` where its card calls it a
+    smoke(-test) model. An unreadable config or card records nothing (loading the model checks it)."""
+    from pathlib import Path
+
+    from bidsharmony.errors import ModelError
+    from bidsharmony.flow.checkpoint import CARD, CONFIG, read_config_file
+
+    facts: dict = {}
+    try:
+        config = read_config_file(Path(model) / CONFIG)
+    except ModelError:
+        config = {}
+    if isinstance(config, dict):
+        bpd = config.get("validation_bpd", (config.get("training") or {}).get("validation_bpd"))
+        if isinstance(bpd, (int, float)) and not isinstance(bpd, bool):
+            facts["ValidationBitsPerDim"] = round(float(bpd), 4)
+    try:
+        with open(Path(model) / CARD, "rb") as f:
+            card = f.read(1 << 16).decode("utf-8", "replace")
+    except OSError:
+        card = ""
+    if re.search(r"\bsmoke\b", card, re.IGNORECASE):
+        facts["SmokeTest"] = True
+    return facts
+
+
 def init_bidsharmony_wf(runs, out_dir, model, params=None, device="auto", output_space="native", omp_nthreads=1,
                         method="flow", name=None):
-    """``runs``: dicts from ``bids.collect_t1w``; ``method``: flow (2D, BlindHarmony) or bhdiff (3D)."""
+    """``runs``: dicts from ``bids.collect_t1w``; ``method``: flow (2D, BlindHarmony) or bhdiff (3D).
+
+    Per run: harmonization → ``quality`` (the sidecar's slice-step figure, scanner and model facts)
+    → ``ds`` (the derivative and its sidecar), and ``report`` (the figures) beside them, so a
+    figure that fails to draw never holds back the derivative."""
     from bidsharmony.workflows.bhdiff import init_bhdiff_wf
 
     factory = {"flow": init_harmonize_wf, "bhdiff": init_bhdiff_wf}[method]
+    facts = model_facts(model)
     wf = pe.Workflow(name=name or workflow_name())
     for run in runs:
         label = run_name(run["entities"])
         hwf = factory(model, params, device=device, output_space=output_space, omp_nthreads=omp_nthreads, name=f"{label}_wf")
         hwf.get_node("inputnode").inputs.t1w = run["path"]
+        quality = pe.Node(RunQuality(source=run["path"], scanner=run.get("scanner") or {}, model_facts=facts),
+                          name=f"{label}_quality", mem_gb=1.0)  # fmt: skip
         report = pe.Node(
-            ReportFigures(out_dir=str(out_dir), entities=run["entities"], scanner=run.get("scanner") or {}, source=run["path"]),
+            ReportFigures(out_dir=str(out_dir), entities=run["entities"], source=run["path"]),
             name=f"{label}_report",
             mem_gb=1.0,
         )
@@ -54,9 +89,10 @@ def init_bidsharmony_wf(runs, out_dir, model, params=None, device="auto", output
             mem_gb=0.2,
         )
         wf.connect([
-            (hwf, report, [("outputnode.harmonized", "harmonized"), ("outputnode.info", "info"),
-                           ("outputnode.histograms", "histograms"), ("outputnode.trace", "trace")]),
+            (hwf, quality, [("outputnode.harmonized", "harmonized"), ("outputnode.info", "info")]),
             (hwf, sink, [("outputnode.harmonized", "in_file")]),
-            (report, sink, [("info", "info")]),
+            (quality, sink, [("info", "info")]),
+            (hwf, report, [("outputnode.harmonized", "harmonized"), ("outputnode.histograms", "histograms"),
+                           ("outputnode.trace", "trace")]),
         ])  # fmt: skip
     return wf

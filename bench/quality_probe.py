@@ -1,7 +1,7 @@
 """A quick quality probe that chose the loop's defaults (start image, similarity).
 
 Not the full quality benchmark: simulated source scanners are made from central slices of IXI-HH
-TEST subjects (REFERENCE.md §4 transforms, a smooth multiplicative bias, Rician-like noise; each
+TEST subjects (docs/method.md §4 transforms, a smooth multiplicative bias, Rician-like noise; each
 slice min-max rescaled), harmonized with a model, and scored by PSNR against the true target slice
 (the papers' protocol: per-slice min-max to [0, 1]).
 

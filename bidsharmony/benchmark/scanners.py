@@ -1,7 +1,7 @@
 """Simulated source scanners: known transforms of a target-domain volume, whose truth is kept.
 
 Every scanner acts on the whole volume (not slice by slice) and writes arbitrary scanner units, so
-nothing downstream can rely on the target's scale. The seeds' monotone transforms (REFERENCE.md §4)
+nothing downstream can rely on the target's scale. The papers' monotone transforms (docs/method.md §4)
 act on the volume min-max scaled to [0, 1] and are min-max rescaled afterwards, as in the papers.
 The physical ones are what histogram matching cannot undo: a smooth multiplicative bias field,
 Rician noise, blur with thick slices, and a tissue-contrast change built from the parcellation.
@@ -82,10 +82,10 @@ def _contrast(v, ctx: Context):
 SCANNERS: dict[str, Scanner] = {
     s.name: s
     for s in [
-        Scanner("exp", "monotone", "e^g (seeds)", _monotone(np.exp, 1000.0)),
-        Scanner("log", "monotone", "ln(1 + 3g) (seeds)", _monotone(lambda g: np.log1p(3 * g), 1000.0)),
+        Scanner("exp", "monotone", "e^g (papers)", _monotone(np.exp, 1000.0)),
+        Scanner("log", "monotone", "ln(1 + 3g) (papers)", _monotone(lambda g: np.log1p(3 * g), 1000.0)),
         *[
-            Scanner(f"gamma{str(g).replace('.', 'p')}", "monotone", f"g^{g} (seeds)", _monotone(lambda x, g=g: x**g, 1000.0))
+            Scanner(f"gamma{str(g).replace('.', 'p')}", "monotone", f"g^{g} (papers)", _monotone(lambda x, g=g: x**g, 1000.0))
             for g in (0.7, 0.8, 0.9, 1.2, 1.3, 1.5)
         ],
         Scanner("bias", "spatial", "smooth multiplicative bias field, ×1/1.4…×1.4", _bias),

@@ -1,6 +1,6 @@
 """Rectified flow: the flow-matching loss, the midpoint ODE sampler and the correlation refinement.
 
-Convention (REFERENCE.md §5): x_t = t·x + (1 − t)·ε, from noise at t = 0 to the image at t = 1; the
+Convention (docs/method.md §5): x_t = t·x + (1 − t)·ε, from noise at t = 0 to the image at t = 1; the
 network predicts the straight-line velocity x − ε.
 """
 

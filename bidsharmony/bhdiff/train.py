@@ -1,6 +1,6 @@
 """Training the BlindHarmonyDiff velocity field on target-domain volumes (flow matching).
 
-Multi-stride patch training (REFERENCE.md §5): most patches are contiguous crops; the rest are
+Multi-stride patch training (docs/method.md §5): most patches are contiguous crops; the rest are
 crops twice as large subsampled with stride 2, so a patch sees more of the head; every patch
 carries the true coordinates of its voxels. Random left-right flips mirror image, edges and
 coordinates together. An exponential moving average of the weights is what gets saved. The state

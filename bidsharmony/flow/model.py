@@ -2,7 +2,7 @@
 
 Level l: squeeze 2x2 -> S steps (ActNorm -> LU 1x1 conv -> RQ spline coupling) -> one more 1x1
 conv -> factor out half of the channels (except after the last level). For a 1x144x176 slice and
-4 levels the level shapes are 4x72x88, 8x36x44, 16x18x22, 32x9x11 (REFERENCE.md §2).
+4 levels the level shapes are 4x72x88, 8x36x44, 16x18x22, 32x9x11 (docs/method.md §2).
 The latent ``z`` is returned flat, ``(B, H*W)``: the harmonization loop treats it as one vector.
 """
 
@@ -42,7 +42,7 @@ class FlowConfig:
 
 
 PRESETS: dict[str, FlowConfig] = {
-    # REFERENCE.md §2: 4 x 7 steps, K=8, B=3, 96 hidden channels, 3 residual blocks.
+    # docs/method.md §2: 4 x 7 steps, K=8, B=3, 96 hidden channels, 3 residual blocks.
     "paper": FlowConfig(),
     # About 20x faster than `paper` on a CPU: a whole 1.2 mm volume (~160 head slices) harmonizes
     # in about a minute on 2 CPU cores (bench/flow_throughput.py measures it).

@@ -1,7 +1,7 @@
 """The one place where [0, 1] slices meet the flow's input scale.
 
 Slices are quantised to 12 bits (0…4095) and dequantised with uniform noise; the flow sees
-``(q + u) / 4096 - 0.5`` (REFERENCE.md §1). Bits per dimension are computed against that discrete
+``(q + u) / 4096 - 0.5`` (docs/method.md §1). Bits per dimension are computed against that discrete
 grid, so they are comparable with the literature.
 """
 

@@ -1,1 +1,1 @@
-"""The harmonization loop (REFERENCE.md §3): objective terms and solvers on batches of slices."""
+"""The harmonization loop (docs/method.md §3): objective terms and solvers on batches of slices."""

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 EPS = 1e-8
-# Non-edge mask (REFERENCE.md §3): |Sobel| below this per-slice quantile, on foreground.
+# Non-edge mask (docs/method.md §3): |Sobel| below this per-slice quantile, on foreground.
 EDGE_QUANTILE = 0.30
 FOREGROUND = 0.05
 

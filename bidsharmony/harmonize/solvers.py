@@ -1,6 +1,6 @@
 """Solvers for  z* = argmin_z D(f^-1(z), x_s) + alpha |z|^2  on batches of slices.
 
-``alternating`` is the published scheme (REFERENCE.md §3): an image step on D, then a latent
+``alternating`` is the published scheme (docs/method.md §3): an image step on D, then a latent
 shrink through the flow, under no-grad. ``latent`` optimises z with Adam and autograd through
 f^-1 (the poster's formulation). Both run all slices of a volume in batches on one device.
 

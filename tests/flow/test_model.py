@@ -20,7 +20,7 @@ def _initialised(flow, x, steps=3):
 
 
 def test_paper_preset_matches_reference_parameter_count():
-    # REFERENCE.md §2: 14 486 534 parameters (1x1 convs store only their free LU entries + bias).
+    # docs/method.md §2: 14 486 534 parameters (1x1 convs store only their free LU entries + bias).
     flow = build_flow("paper")
     assert sum(p.numel() for p in flow.parameters()) == 14_486_534
 

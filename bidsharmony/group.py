@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 from pathlib import Path
 
@@ -14,34 +13,12 @@ import numpy as np
 
 from bidsharmony.errors import NoFilesError
 from bidsharmony.outputs import atomic_save, atomic_write_text
+from bidsharmony.reports.sidecar import SUMMARY_METRICS, read_sidecar
 
 COLUMNS = ("file", "scanner", "manufacturer", "model_name", "field_strength", "site", "model", "model_sha256", "device",
            "slices_harmonized", "fallback_slices", "seconds", "similarity_to_input", "histogram_distance_before",
            "histogram_distance_after", "slice_step_ratio")  # fmt: skip
-SUMMARY_METRICS = ("similarity_to_input", "histogram_distance_before", "histogram_distance_after", "slice_step_ratio", "seconds")
 LOG = logging.getLogger("bidsharmony")
-_SIDECAR_OBJECTS = ("Model", "Quality", "SourceScanner", "Parameters")
-_SIDECAR_NUMBERS = ("SlicesHarmonized", "SlicesTotal", "FallbackSlices", "HarmonizationSeconds")
-
-
-def read_sidecar(path: Path) -> dict:
-    """A run's ``*_desc-harmonized_T1w.json``, checked for what the reports read; ValueError(cause)
-    when it is not. bidsharmony writes sidecars atomically, so a broken one was damaged or edited
-    since: the reports skip it with a warning naming it rather than lose every other run."""
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"not valid JSON ({type(e).__name__}: {' '.join(str(e).split())})") from None
-    if not isinstance(meta, dict):
-        raise ValueError(f"not a JSON object but {type(meta).__name__}")
-    for key in _SIDECAR_OBJECTS:
-        if meta.get(key) is not None and not isinstance(meta[key], dict):
-            raise ValueError(f"{key} is {type(meta[key]).__name__}, not an object")
-    numbers = [(k, meta.get(k)) for k in _SIDECAR_NUMBERS] + [(f"Quality.{k}", v) for k, v in (meta.get("Quality") or {}).items()]
-    for key, value in numbers:
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            raise ValueError(f"{key} is {value!r}, not a number")
-    return meta
 
 
 def scanner_label(scanner: dict) -> str:

@@ -150,18 +150,3 @@ def participant_locks(out_dir, subjects):
     finally:
         for fd in held:
             os.close(fd)  # closing releases the lock; the file stays (removing it would race)
-
-
-def check_output_paths(out_dir, runs) -> None:
-    """Before any work: every place a participant run will write (its derivative folder, figures,
-    report, the dataset description) resolves inside OUT_DIR. Refuses in one line what the
-    writers would refuse after minutes of work."""
-    from bidsharmony.bids import derivative_path
-
-    out_dir = Path(out_dir)
-    places = [out_dir / "dataset_description.json"]
-    for run in runs:
-        subject = out_dir / f"sub-{run['entities']['subject']}"
-        places += [derivative_path(out_dir, run["entities"]), subject / "figures", subject.with_name(subject.name + ".html")]
-    for place in places:
-        ensure_inside(place, out_dir)

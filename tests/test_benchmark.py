@@ -156,7 +156,8 @@ def test_quick_mode_runs_the_real_cli_end_to_end(tmp_path):
 
 def test_report_scores_the_3d_method_beside_the_2d_one_on_its_own_cases(tmp_path):
     from bidsharmony.benchmark.report import write_report
-    from bidsharmony.benchmark.run import BHDIFF, METHOD, METRICS, parse_args
+    from bidsharmony.benchmark.plan import BHDIFF, METHOD, METRICS
+    from bidsharmony.benchmark.run import parse_args
 
     args = parse_args(["--scanners", "gamma0p7,bias,noise", "--ablations", "none", "--bhdiff-model", "m",
                        "--bhdiff-scanners", "bias,noise,blur", "--out", str(tmp_path)])  # fmt: skip

@@ -13,6 +13,7 @@ import numpy as np
 
 from bidsharmony.benchmark.machine import machine_info, versions
 from bidsharmony.benchmark.peers import make_peers
+from bidsharmony.benchmark.plan import ABLATIONS, BHDIFF, METHOD, METRICS
 from bidsharmony.benchmark.scanners import SCANNERS
 
 HIGHER_IS_BETTER = {"psnr_slice": True, "ssim_slice": True, "psnr_vol": True, "ssim_vol": True,
@@ -78,8 +79,6 @@ def scanner_table(rows, methods, key, labels) -> str:
 
 
 def write_report(args, rows, unseen, examples, *, model, target_gm_wm, bhdiff_model=None, walls, seconds_total, train, test) -> None:
-    from bidsharmony.benchmark.run import ABLATIONS, BHDIFF, METHOD, METRICS
-
     peers = [p.name for p in make_peers()]
     labels = {METHOD: "**bidsharmony**", BHDIFF: "bidsharmony --method bhdiff (3D)",
               **{k: f"bidsharmony, {v[0]}" for k, v in ABLATIONS.items()}}

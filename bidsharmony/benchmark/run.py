@@ -29,22 +29,12 @@ import numpy as np
 
 from bidsharmony.benchmark import scores
 from bidsharmony.benchmark.peers import make_peers
+from bidsharmony.benchmark.plan import ABLATIONS, BHDIFF, METHOD
 from bidsharmony.benchmark.scanners import QUICK_SCANNERS, SCANNERS, simulate
 from bidsharmony.metrics import mask_slices
 
 LOG = logging.getLogger("bidsharmony.benchmark")
 
-ABLATIONS = {
-    "beta_fid0": ("β_fid = 0", ["--beta-fidelity", "0"]),
-    "beta_grad0": ("β_grad = 0", ["--beta-gradient", "0"]),
-    "alpha0": ("α = 0", ["--alpha", "0"]),
-    "latent": ("latent solver", ["--solver", "latent"]),
-    "meanstart": ("mean start", ["--start", "mean"]),
-    "ncc": ("NCC similarity", ["--similarity", "ncc"]),
-}
-METHOD = "bidsharmony"
-BHDIFF = "bhdiff"
-METRICS = ["psnr_slice", "ssim_slice", "psnr_vol", "ssim_vol", "ncc_vol", "dice", "jump_ratio", "profile_rmse"]
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -378,11 +378,11 @@ def _crash_cause(crash: Path) -> str:
 
 
 def run_participant(opts, nprocs: int, omp: int, work_dir: Path, log_dir: Path) -> int:
-    from bidsharmony.bids import write_dataset_description
+    from bidsharmony.bids import check_output_paths, write_dataset_description
     from bidsharmony.device import resolve_device
     from bidsharmony.flow.checkpoint import load_model
     from bidsharmony.models import default_model
-    from bidsharmony.outputs import check_output_paths, participant_locks, remove_stale_partials
+    from bidsharmony.outputs import participant_locks, remove_stale_partials
     from bidsharmony.workflows.base import init_bidsharmony_wf
 
     runs = _select_runs(opts)

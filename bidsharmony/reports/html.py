@@ -179,7 +179,7 @@ def write_participant_report(out_dir, subject: str) -> Path:
             "(figures in <code>sub-" + escape(subject) + "/figures/</code>).</p>"]
     body += ["<ul>" + "".join(f'<li><a href="#{escape(s.name.split("_desc-")[0])}">{escape(s.name.split("_desc-")[0])}</a></li>'
                               for s in sidecars) + '<li><a href="#methods">Methods</a></li></ul>']
-    from bidsharmony.group import read_sidecar
+    from bidsharmony.reports.sidecar import read_sidecar
 
     metas, names = [], []
     for sidecar in sidecars:
@@ -233,7 +233,7 @@ def write_group_report(out_dir, rows: list[dict], groups: dict, figures: list[Pa
     group.tsv, compact), and the methods paragraph; ``skipped``: (sidecar, cause) of broken
     sidecars, shown as warnings; ``metas``: the rows' sidecars (for warnings and methods)."""
     out_dir = Path(out_dir)
-    from bidsharmony.group import SUMMARY_METRICS
+    from bidsharmony.reports.sidecar import SUMMARY_METRICS
 
     metas = list(metas) if metas is not None else [{} for _ in rows]
     warnings = [run_warnings(m) for m in metas]

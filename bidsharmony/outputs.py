@@ -80,7 +80,11 @@ def atomic_copy(src, path, root=None) -> None:
     atomic_save(path, lambda tmp: shutil.copyfile(src, tmp), root=root)
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (on this machine): a partial file or stage named after a dead
+    writer is stale."""
+    if pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -112,7 +116,7 @@ def remove_stale_partials(out_dir) -> list[Path]:
     for folder in _own_folders(Path(out_dir)):
         for p in sorted(folder.glob(".*.partial*")):
             m = _PARTIAL.match(p.name)
-            if m and p.is_file() and not p.is_symlink() and not _alive(int(m.group(1))):
+            if m and p.is_file() and not p.is_symlink() and not pid_alive(int(m.group(1))):
                 p.unlink(missing_ok=True)
                 removed.append(p)
     return removed

@@ -5,7 +5,9 @@ symbolic links it holds), the cleanup of a killed run's partial files, and per-p
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import logging
 import os
 import re
 import shutil
@@ -14,6 +16,8 @@ import time
 from pathlib import Path
 
 from bidsharmony.errors import BusyError, OutputError
+
+LOG = logging.getLogger("bidsharmony")
 
 _PARTIAL = re.compile(r"^\..+\.(\d+)\.partial")
 
@@ -147,6 +151,12 @@ def participant_locks(out_dir, subjects):
                 os.close(fd)
                 raise BusyError(f"{Path(out_dir)}: sub-{subject} is being processed by {holder}; "
                                 "wait for it to finish (or stop it), then rerun") from None
+            except OSError as e:  # a filesystem without locks (Lustre without -o flock, some NFS)
+                os.close(fd)
+                if e.errno not in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+                LOG.warning("%s: this filesystem cannot lock files (%s); running without participant locks", folder, e.strerror)
+                break
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"bidsharmony pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode(), 0)
             held.append(fd)

@@ -7,7 +7,8 @@ import shutil
 import pytest
 
 from bidsharmony import bids
-from bidsharmony.cli.run import _clean_work_dir, main
+from bidsharmony.cli.execution import clean_work_dir
+from bidsharmony.cli.run import main
 from bidsharmony.errors import EXIT_CANT_CREATE, EXIT_NO_FILES, UsageError
 
 
@@ -62,5 +63,5 @@ def test_clean_workdir_removes_only_the_selected_runs_nodes(example_bids, tmp_pa
     for d in keep + gone:
         (d / "result").mkdir(parents=True)
     runs = bids.collect_t1w(example_bids, participants=["01"])
-    _clean_work_dir(work, runs)
+    clean_work_dir(work, runs)
     assert all(d.exists() for d in keep) and not any(d.exists() for d in gone)

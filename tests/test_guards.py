@@ -207,7 +207,7 @@ def test_min_mem_is_the_largest_fixed_node_of_every_workflow(example_bids, tmp_p
     """MIN_MEM_GB (checked before anything is written) is what the nodes declare, harmonize aside
     (its figure depends on the model and batch, and is checked on the built workflow)."""
     from bidsharmony import bids
-    from bidsharmony.cli.run import MIN_MEM_GB
+    from bidsharmony.cli.execution import MIN_MEM_GB
     from bidsharmony.models import default_model
     from bidsharmony.workflows.base import init_bidsharmony_wf
     from bidsharmony.workflows.bhdiff import init_bhdiff_wf
@@ -260,10 +260,10 @@ def test_a_bad_plugin_yaml_is_refused_before_anything_is_written(capsys, example
 
 
 def test_every_plugin_name_nipype_provides_is_accepted(tmp_path):
-    from bidsharmony.cli.run import _plugin_names, read_plugin_file
+    from bidsharmony.cli.execution import plugin_names, read_plugin_file
 
-    assert {"Linear", "MultiProc", "SLURM", "SGE", "PBS", "LSF"} <= set(_plugin_names())
-    for name in _plugin_names():
+    assert {"Linear", "MultiProc", "SLURM", "SGE", "PBS", "LSF"} <= set(plugin_names())
+    for name in plugin_names():
         (tmp_path / "p.yml").write_text(f"plugin: {name}\n")
         assert read_plugin_file(tmp_path / "p.yml")[0] == name
 

@@ -176,3 +176,27 @@ def test_a_second_run_on_the_same_participant_waits_its_turn(capsys, example_bid
     assert not list(out.rglob("*_T1w.nii.gz"))
     with participant_locks(out, ["02"]):  # released on exit, by the refused run as well
         pass
+
+
+def test_an_unexpected_os_error_is_one_line_naming_the_file(capsys, example_bids, tiny_model, tmp_path):
+    """Any OSError, not only a full disk, ends as one line naming the file (it was a traceback)."""
+    out = tmp_path / "out"
+    (out / ".bidsharmony-locks" / "sub-02.lock").mkdir(parents=True)  # a folder where a lock file goes
+    code, err = _run(capsys, example_bids, out, "participant", "--participant-label", "02", "--model", tiny_model,
+                     "--device", "cpu", "-w", tmp_path / "w", "--skip-bids-validation")  # fmt: skip
+    assert code == 1 and "sub-02.lock" in err and "Is a directory" in err
+
+
+def test_a_filesystem_without_locks_runs_without_them(tmp_path, monkeypatch, caplog):
+    """Lustre without -o flock answers ENOLCK: warn and go on rather than refuse every run. (The
+    filesystem's answer is simulated; the lock's real behaviour is tested above.)"""
+    import errno
+    import fcntl
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with caplog.at_level(logging.WARNING, logger="bidsharmony"), participant_locks(tmp_path, ["01", "02"]):
+        pass
+    assert "cannot lock files" in caplog.text

@@ -25,10 +25,10 @@ def _workflow(example_bids, tiny_model, tmp_path):
 
 
 def test_every_node_asks_the_scheduler_for_its_declared_memory_and_cores(example_bids, tiny_model, tmp_path):
-    from bidsharmony.cli.run import _request_resources
+    from bidsharmony.cli.execution import request_resources
 
     wf = _workflow(example_bids, tiny_model, tmp_path)
-    _request_resources(wf, "SLURM", {"harmonize": {"sbatch_args": "--partition=gpu --gres=gpu:1"}})
+    request_resources(wf, "SLURM", {"harmonize": {"sbatch_args": "--partition=gpu --gres=gpu:1"}})
     nodes = wf._get_all_nodes()
     assert nodes
     for node in nodes:

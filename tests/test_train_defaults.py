@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from bidsharmony.cli.parser import build_parser
-from bidsharmony.cli.run import _train_params, main
+from bidsharmony.cli.run import main
+from bidsharmony.cli.train import train_params
 from bidsharmony.train.data import SliceSet, split_by_subject
 from bidsharmony.train.loop import progress_line
 
@@ -25,10 +26,10 @@ def _opts(**kw):
 
 def test_defaults_fit_the_device_and_are_logged(caplog):
     caplog.set_level(logging.INFO, logger="bidsharmony")
-    assert _train_params(_opts(), "cpu") == (2000, 32)
-    assert _train_params(_opts(), "cuda:0") == (10000, 256)
-    assert _train_params(_opts(steps=7, train_batch_size=3), "cuda") == (7, 3)
-    assert _train_params(_opts(method="bhdiff"), "cpu") == (20000, 2)
+    assert train_params(_opts(), "cpu") == (2000, 32)
+    assert train_params(_opts(), "cuda:0") == (10000, 256)
+    assert train_params(_opts(steps=7, train_batch_size=3), "cuda") == (7, 3)
+    assert train_params(_opts(method="bhdiff"), "cpu") == (20000, 2)
     text = caplog.text
     assert "training on cpu: steps 2000 (defaults for a CPU), batch size 32 (defaults for a CPU)" in text
     assert "steps 10000 (defaults for a GPU), batch size 256 (defaults for a GPU)" in text

@@ -87,10 +87,15 @@ def write_report(report: dict, path: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+# A validator that hangs (a stalled mount, a huge dataset) must not hang the BIDS-App: past this it
+# counts as not run, with a warning. Tens of thousands of files validate in minutes.
+VALIDATOR_TIMEOUT_S = 1800
+
+
 def validate_dataset(bids_dir: Path, log_dir: Path) -> None:
     """Run the BIDS validator on bids_dir: BIDSInvalidError (exit 16) on errors, warnings logged."""
     try:
-        report = run_validator(bids_dir)
+        report = run_validator(bids_dir, timeout=VALIDATOR_TIMEOUT_S)
     except ValidatorUnavailable as e:
         LOG.warning("%s: BIDS validator not run: %s; only dataset_description.json was checked "
                     "(--skip-bids-validation silences this)", bids_dir, e)  # fmt: skip
@@ -135,7 +140,7 @@ def write_bidsignore(out_dir: Path, work_dir: Path | None = None) -> Path:
         old = []
     missing = [line for line in wanted if line not in old]
     if missing:
-        tmp = path.with_name(f".bidsignore.{os.getpid()}.partial")
-        tmp.write_text("\n".join([*old, *missing]) + "\n")
-        os.replace(tmp, path)
+        from bidsharmony.outputs import atomic_write_text
+
+        atomic_write_text(path, "\n".join([*old, *missing]) + "\n", root=out_dir)
     return path

@@ -130,3 +130,12 @@ def test_bidsignore_keeps_the_users_lines_and_lists_a_work_dir_inside_out_dir(tm
     write_bidsignore(out, tmp_path / "elsewhere")  # a second run: nothing repeated
     lines = (out / ".bidsignore").read_text().splitlines()
     assert lines == ["mynotes.txt", *BIDSIGNORE, "work"]
+
+
+def test_a_validator_that_runs_too_long_counts_as_not_run(validator, example_bids):
+    """A stalled validator must not stall the BIDS-App: past its timeout it is 'not run' (a warning)."""
+    from bidsharmony.validation import VALIDATOR_TIMEOUT_S, ValidatorUnavailable
+
+    with pytest.raises(ValidatorUnavailable, match="could not run"):
+        run_validator(example_bids, timeout=0.01)
+    assert 60 <= VALIDATOR_TIMEOUT_S <= 3600

@@ -230,6 +230,7 @@ def collect_t1w(bids_dir: Path, participants=None, sessions=None, filters=None, 
         meta = layout.get_metadata(f.path)  # with BIDS inheritance
         scanner = {k: meta[k] for k in SCANNER_FIELDS if k in meta}
         runs.append({"path": f.path, "entities": ents, "relpath": f.relpath, "scanner": scanner})
+    _refuse_shared_outputs(runs)
     if not runs:
         what = []
         if participants:
@@ -240,6 +241,19 @@ def collect_t1w(bids_dir: Path, participants=None, sessions=None, filters=None, 
             what.append(f"filters {filters}")
         raise NoFilesError(f"{bids_dir}: no T1w images found" + (" for " + "; ".join(what) if what else ""))
     return runs
+
+
+def _refuse_shared_outputs(runs) -> None:
+    """Two inputs that would be written to one output (they differ only in what the output name
+    replaces, ``res-``/``desc-``, or in .nii versus .nii.gz) are refused before any work: one
+    would silently overwrite the other."""
+    seen = {}
+    for run in runs:
+        stem = run_stem(run["entities"])
+        if stem in seen:
+            raise UsageError(f"{run['path']}: would be written to the same output as {seen[stem]} ({stem}); "
+                             "select one of them with --bids-filter-file")
+        seen[stem] = run["path"]
 
 
 def filename_entities(filename: str, known: dict | None = None) -> dict:

@@ -19,12 +19,15 @@ from bidsharmony.errors import BusyError, OutputError
 
 LOG = logging.getLogger("bidsharmony")
 
-_PARTIAL = re.compile(r"^\..+\.(\d+)\.partial")
+# A partial file is named after its writer, ``<pid>@<host>``: whether the writer is alive can only
+# be told on its own host (runs of a cluster job array share one OUT_DIR).
+_HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname().split(".")[0]) or "host"
+_PARTIAL = re.compile(r"^\..+\.(\d+)(?:@([A-Za-z0-9-]+))?\.partial")
 
 
 def _tmp_for(path: Path) -> Path:
     # A leading dot hides the partial file from pybids; the suffix keeps nibabel's gzip detection.
-    return path.with_name(f".{path.name}.{os.getpid()}.partial{''.join(path.suffixes[-2:])}")
+    return path.with_name(f".{path.name}.{os.getpid()}@{_HOST}.partial{''.join(path.suffixes[-2:])}")
 
 
 def _replace(tmp: Path, path: Path) -> None:
@@ -98,7 +101,7 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def _own_folders(out_dir: Path):
+def _own_folders(out_dir: Path, subjects=None):
     """The folders of OUT_DIR that bidsharmony writes into (top level, figures/, logs/,
     sub-*/[ses-*/]{anat,figures}/), never through a symbolic link: the cleanup below must not
     reach a file that another program (or the input dataset) owns."""
@@ -106,21 +109,24 @@ def _own_folders(out_dir: Path):
         return [p for p in paths if p.is_dir() and not p.is_symlink()]
 
     top = [out_dir]
-    subs = real_dirs(out_dir.glob("sub-*"))
+    subs = real_dirs(out_dir.glob("sub-*") if subjects is None else (out_dir / f"sub-{s}" for s in subjects))
     sessions = real_dirs(d for s in subs for d in s.glob("ses-*"))
     leaves = real_dirs(d / leaf for d in subs + sessions for leaf in ("anat", "figures"))
     return top + real_dirs([out_dir / "figures", out_dir / "logs"]) + subs + sessions + leaves
 
 
-def remove_stale_partials(out_dir) -> list[Path]:
+def remove_stale_partials(out_dir, subjects=None) -> list[Path]:
     """Delete partial files that a killed run left behind (SIGKILL skips every cleanup), in the
-    folders bidsharmony writes only. A partial file whose writer is still alive belongs to a
-    concurrent run into the same folder: kept."""
+    folders bidsharmony writes only: OUT_DIR's own and those of ``subjects`` (the participants
+    this run has locked; default all). A partial file whose writer is alive, or on another host,
+    belongs to a concurrent run: kept."""
     removed = []
-    for folder in _own_folders(Path(out_dir)):
+    for folder in _own_folders(Path(out_dir), subjects):
         for p in sorted(folder.glob(".*.partial*")):
             m = _PARTIAL.match(p.name)
-            if m and p.is_file() and not p.is_symlink() and not pid_alive(int(m.group(1))):
+            if not m or m.group(2) not in (None, _HOST):
+                continue
+            if p.is_file() and not p.is_symlink() and not pid_alive(int(m.group(1))):
                 p.unlink(missing_ok=True)
                 removed.append(p)
     return removed

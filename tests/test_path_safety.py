@@ -200,3 +200,28 @@ def test_a_filesystem_without_locks_runs_without_them(tmp_path, monkeypatch, cap
     with caplog.at_level(logging.WARNING, logger="bidsharmony"), participant_locks(tmp_path, ["01", "02"]):
         pass
     assert "cannot lock files" in caplog.text
+
+
+def test_inputs_that_would_share_one_output_are_refused_naming_both(writable_bids):
+    anat = writable_bids / "sub-01" / "ses-1" / "anat"
+    src = anat / "sub-01_ses-1_T1w.nii.gz"
+    shutil.copy(src, anat / "sub-01_ses-1_T1w.nii")  # .nii beside .nii.gz: one output name
+    with pytest.raises(UsageError, match="would be written to the same output as") as refused:
+        bids.collect_t1w(writable_bids, participants=["01"])
+    message = str(refused.value)  # names both files: the .nii and the .nii.gz
+    assert message.count("sub-01_ses-1_T1w.nii") == 2 and message.count("sub-01_ses-1_T1w.nii.gz") == 1
+
+
+def test_cleanup_keeps_partials_of_other_hosts_and_of_participants_it_does_not_hold(tmp_path):
+    """A job array writes into one OUT_DIR from many hosts: a pid means nothing on another host, and
+    another participant's folder belongs to another job."""
+    out = tmp_path / "out"
+    pid = _dead_pid()
+    other_host = out / "sub-01" / "anat" / f".x_T1w.nii.gz.{pid}@node-17.partial.nii.gz"
+    other_subject = out / "sub-02" / "anat" / f".y_T1w.nii.gz.{pid}.partial.nii.gz"
+    ours = out / "sub-01" / "anat" / f".z_T1w.nii.gz.{pid}.partial.nii.gz"
+    for p in (other_host, other_subject, ours):
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text("x")
+    assert remove_stale_partials(out, subjects=["01"]) == [ours]
+    assert other_host.exists() and other_subject.exists()

@@ -148,7 +148,7 @@ def run_participant(opts, nprocs: int, omp: int, work_dir: Path, log_dir: Path) 
     check_output_paths(opts.output_dir, runs)
     with participant_locks(opts.output_dir, subjects):
         write_dataset_description(opts.output_dir, opts.bids_dir)
-        remove_stale_partials(opts.output_dir)
+        remove_stale_partials(opts.output_dir, subjects)
         if opts.clean_workdir:
             clean_work_dir(work_dir, runs)
         wf = init_bidsharmony_wf(runs, opts.output_dir, model, params, device=device, output_space=opts.output_space,

@@ -337,3 +337,27 @@ def test_group_tables_fit_the_screen_and_every_run_link_opens_its_section(partic
             stem = link.split("#")[1]
             assert target is not None and target[:2] == ["H2", stem], (link, target)
             assert 0 <= target[2] < 50, f"{link}: the section is not scrolled into view ({target})"
+
+
+def test_reports_find_the_figures_of_outputs_on_the_harmonization_grid(participant_run, tmp_path):
+    """--output-space harmonization names outputs with res-1p2; the figures are named by the run
+    alone: the report must still find them (it showed 'Figure missing' for every one)."""
+    from bidsharmony.reports.html import write_participant_report
+
+    out = tmp_path / "out"
+    shutil.copytree(participant_run["out"], out, ignore=shutil.ignore_patterns("*.nii.gz", ".bidsharmony-*"))
+    for sidecar in (out / "sub-01").rglob("*_desc-harmonized_T1w.json"):
+        sidecar.rename(sidecar.with_name(sidecar.name.replace("_desc-", "_res-1p2_desc-")))
+    page = write_participant_report(out, "01").read_text()
+    assert "Figure missing" not in page and 'id="sub-01_ses-1"' in page
+
+
+def test_reports_take_nulls_and_braces_from_a_sidecar_as_values():
+    """A null quality figure and braces in a model's name are data, not a crash."""
+    from bidsharmony.reports import boilerplate
+
+    meta = {"Quality": {"SliceStepRatio": None, "SimilarityToInput": None}, "Model": {"Name": "lab{x}", "Preset": "fast"},
+            "Method": "flow", "Parameters": {"iterations": 10}, "SoftwareVersion": "0"}  # fmt: skip
+    assert run_warnings(meta) == []  # nothing measured, nothing to warn about (it raised TypeError)
+    text = boilerplate.plain(meta)
+    assert "lab{x}" in text and "[1]" in text

@@ -163,13 +163,18 @@ def methods(meta: dict) -> tuple[str, list[str]]:
         + f" {space} The workflow was run with Nipype{_v(versions, 'nipype')} {{nipype}}, the input dataset was queried with "
         f"PyBIDS{_v(versions, 'pybids')} {{pybids}}, and the networks ran in PyTorch{_v(meta, 'TorchVersion')} {{pytorch}}."
     )
-    keys = list(dict.fromkeys(re.findall(r"\{(\w+)\}", text)))
+    keys = list(dict.fromkeys(_CITE.findall(text)))
     return text, keys
 
 
 def _numbered(text: str, keys: list[str]) -> str:
-    text = re.sub(r"\{(\w+)\}", lambda m: f"[{keys.index(m.group(1)) + 1}]", text)
+    text = _CITE.sub(lambda m: f"[{keys.index(m.group(1)) + 1}]", text)
     return re.sub(r"\] \[", ", ", text)  # [1] [2] -> [1, 2]
+
+
+# A citation in the paragraph's text: {key} for the keys of REFERENCES only, so that braces in a
+# model's name or a parameter are text.
+_CITE = re.compile(r"\{(" + "|".join(REFERENCES) + r")\}")
 
 
 def reference(key: str, version: str = "") -> str:
@@ -190,14 +195,13 @@ def plain(meta: dict) -> str:
 def html(metas: list[dict], runs: list[list[str]] | None = None) -> str:
     """An HTML block: one paragraph per distinct text over ``metas`` (runs of the same settings
     share it; ``runs`` names each meta's runs), each with its references and BibTeX."""
-    paragraphs: dict[str, tuple[dict, list[str]]] = {}
+    paragraphs: dict[str, tuple[dict, list[str], list[str]]] = {}
     for i, meta in enumerate(metas):
-        text = _numbered(*methods(meta))
-        paragraphs.setdefault(text, (meta, []))[1].extend(runs[i] if runs else [])
+        raw, keys = methods(meta)
+        paragraphs.setdefault(_numbered(raw, keys), (meta, keys, []))[2].extend(runs[i] if runs else [])
     out = ['<div class="boilerplate">']
-    for text, (meta, names) in paragraphs.items():
+    for text, (meta, keys, names) in paragraphs.items():
         version = meta.get("SoftwareVersion")
-        _, keys = methods(meta)
         if len(paragraphs) > 1 and names:
             out.append(f"<p class=\"for\">For {escape(', '.join(names))}:</p>")
         out.append(f'<blockquote class="methods">{escape(text)}</blockquote>')

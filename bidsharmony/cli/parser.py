@@ -108,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("harmonization")
     g.add_argument("--method", choices=("flow", "bhdiff"), default="flow", help="flow: 2D normalizing-flow prior (BlindHarmony); bhdiff: 3D rectified flow from edges (BlindHarmonyDiff; needs a bhdiff --model)")
     g.add_argument("--model", type=Path, metavar="DIR", help="model folder (model.safetensors + config.json); default: the bundled model")
+    g.add_argument("--standardise", choices=("auto", "landmarks", "none"), default="auto", help="flow: map each volume onto the model's intensity landmarks before slicing, so the output is on the target's scale (auto: where the model has landmarks; none: the published method, output on the input's scale)")
     g.add_argument("--iterations", type=_non_negative_int, default=10, help="solver iterations (N)")
     g.add_argument("--alpha", type=_non_negative_float, default=1e-3, help="latent shrink per iteration (weight of |z|^2)")
     g.add_argument("--beta-fidelity", type=_non_negative_float, default=1e3, help="weight of the similarity to the source")

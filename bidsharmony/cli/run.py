@@ -102,6 +102,7 @@ def _harmonize_params(opts, device: str) -> dict:
         latent_lr=opts.latent_lr,
         batch_size=batch,
         seed=opts.random_seed,
+        standardise=opts.standardise,
     ).to_dict()
 
 

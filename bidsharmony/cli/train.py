@@ -43,6 +43,7 @@ def run_train(opts, nprocs: int, omp: int, work_dir: Path, log_dir: Path) -> int
     from bidsharmony import __version__
     from bidsharmony.device import resolve_device
     from bidsharmony.flow.model import PRESETS
+    from bidsharmony.image.standardise import LANDMARKS, model_entry
     from bidsharmony.image.slices import POSITION_BINS
     from bidsharmony.train import data as tdata
     from bidsharmony.train.loop import TrainConfig, train_flow
@@ -61,7 +62,8 @@ def run_train(opts, nprocs: int, omp: int, work_dir: Path, log_dir: Path) -> int
     wf.base_dir = str(work_dir)
     LOG.info("preprocessing %d T1w run(s) for training", len(runs))
     graph = execute(wf, opts, nprocs, log_dir)
-    slices = tdata.load_slice_set(collect_slices(graph, runs))
+    prepared = collect_slices(graph, runs)
+    slices = tdata.load_slice_set(item[:3] for item in prepared)
     if len(slices) < 2:
         raise BidsHarmonyError(f"{opts.bids_dir}: only {len(slices)} slice(s) with head found; cannot train")
     train, val = tdata.split_by_subject(slices, opts.validation_fraction, opts.random_seed)
@@ -93,7 +95,11 @@ def run_train(opts, nprocs: int, omp: int, work_dir: Path, log_dir: Path) -> int
             "slices_validation": len(val),
         },
     }
-    extras = {"start_images": tdata.mean_start_images(train), "target_histogram": tdata.intensity_histogram(train)}
+    landmarks, volumes = tdata.target_landmarks(prepared, set(train.subject.tolist()))
+    LOG.info("intensity landmarks of %d training volume(s): %s", volumes, ", ".join(f"{x:.1f}" for x in landmarks))
+    meta["preprocessing"]["standardisation"] = model_entry(volumes)
+    extras = {"start_images": tdata.mean_start_images(train), "target_histogram": tdata.intensity_histogram(train),
+              LANDMARKS: landmarks}
     from bidsharmony.flow.checkpoint import new_stage, publish_training
 
     stage = new_stage(opts.output_dir, "training")  # built aside, resumable, swapped in when finished

@@ -265,3 +265,27 @@ def load_model(folder, device="cpu", verify_hash: bool = True) -> LoadedModel:
     for p in flow.parameters():
         p.requires_grad_(False)
     return LoadedModel(flow=flow, config=cfg, extras=extras, path=folder)
+
+
+def model_landmarks(folder) -> tuple:
+    """(standard landmarks, percentiles) of a model folder's intensity standardisation, or
+    ``(None, None)`` where the model has none (trained before standardisation existed)."""
+    import numpy as np
+
+    from bidsharmony.image.standardise import LANDMARKS
+
+    cfg, tensors = read_folder(folder)
+    entry = (cfg.get("preprocessing") or {}).get("standardisation")
+    landmarks = tensors.get(f"extra.{LANDMARKS}")
+    if not entry or landmarks is None:
+        return None, None
+    percentiles = [float(p) for p in entry.get("percentiles", [])]
+    if landmarks.ndim != 1 or landmarks.numel() != len(percentiles) + 1:
+        raise ModelError(f"{Path(folder) / WEIGHTS}: extra.{LANDMARKS} holds {landmarks.numel()} landmarks for "
+                         f"{len(percentiles)} percentiles in {CONFIG}")
+    return landmarks.double().numpy(), percentiles
+
+
+def has_landmarks(cfg: dict) -> bool:
+    """Whether a model's config says it standardises intensities (read without the weights)."""
+    return bool((cfg.get("preprocessing") or {}).get("standardisation"))

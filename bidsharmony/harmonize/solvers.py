@@ -23,6 +23,7 @@ LOG = logging.getLogger("bidsharmony")
 
 SOLVERS = ("alternating", "latent")
 STARTS = ("source", "mean")
+STANDARDISATIONS = ("auto", "landmarks", "none")  # auto: landmarks where the model has them
 
 
 @dataclass
@@ -43,6 +44,8 @@ class HarmonizeParams:
     latent_lr: float = 0.05
     batch_size: int = 64
     seed: int = 0
+    # Before slicing, map the volume onto the model's standard intensity scale (docs/method.md §7).
+    standardise: str = "auto"
 
     def validate(self) -> "HarmonizeParams":
         if self.similarity not in SIMILARITIES:
@@ -51,6 +54,8 @@ class HarmonizeParams:
             raise ValueError(f"solver must be one of {SOLVERS}, not {self.solver!r}")
         if self.start not in STARTS:
             raise ValueError(f"start must be one of {STARTS}, not {self.start!r}")
+        if self.standardise not in STANDARDISATIONS:
+            raise ValueError(f"standardise must be one of {STANDARDISATIONS}, not {self.standardise!r}")
         if self.iterations < 0 or self.batch_size < 1:
             raise ValueError("iterations must be >= 0 and batch size >= 1")
         return self

@@ -6,7 +6,7 @@ import json
 import os
 import time
 
-from nipype.interfaces.base import BaseInterfaceInputSpec, Directory, File, SimpleInterface, TraitedSpec, traits
+from nipype.interfaces.base import BaseInterfaceInputSpec, Directory, File, SimpleInterface, TraitedSpec, isdefined, traits
 
 
 class _HarmonizeInputSpec(BaseInterfaceInputSpec):
@@ -16,6 +16,8 @@ class _HarmonizeInputSpec(BaseInterfaceInputSpec):
     params = traits.Dict(mandatory=True, desc="HarmonizeParams fields")
     device = traits.Str("auto", usedefault=True)
     num_threads = traits.Int(1, usedefault=True, desc="torch CPU threads")
+    standardisation = File(exists=True, desc="the standardisation the slices went through (.json), for the sidecar")
+    unstandardised = File(exists=True, desc="the resampled volume before standardisation: the 'before' of the quality figures")
 
 
 class _HarmonizeOutputSpec(TraitedSpec):
@@ -59,7 +61,15 @@ class Harmonize(SimpleInterface):
 
         idx = record.harmonize.astype(bool)
         target = model.extras.get("target_histogram")
-        hist, quality = harmonization_quality(slices[idx], out[idx], None if target is None else target.cpu().numpy())
+        before = slices
+        if isdefined(self.inputs.unstandardised):  # the whole change, standardisation included, is the run's
+            import nibabel as nb
+
+            from bidsharmony.image.slices import cut
+
+            raw = np.asanyarray(nb.load(self.inputs.unstandardised).dataobj, dtype=np.float32)
+            before = cut(raw, tuple(record.grid_shape), offset=record.offset)[0]
+        hist, quality = harmonization_quality(before[idx], out[idx], None if target is None else target.cpu().numpy())
         self._results["histograms"] = os.path.join(runtime.cwd, "histograms.json")
         with open(self._results["histograms"], "w") as f:
             json.dump(hist, f)
@@ -80,7 +90,12 @@ class Harmonize(SimpleInterface):
             "FallbackSlices": int(sum(trace.fallbacks)),
             "HarmonizationSeconds": round(seconds, 3),
             "Quality": quality,
+            # Which intensity scale the output is on: two scanners' outputs compare voxel for voxel only on the standard one.
+            "IntensityScale": "standard" if isdefined(self.inputs.standardisation) else "input",
             # Per-iteration means over slices: similarity to the source, masked edge term, |z|.
             "ConvergenceTrace": {k: [round(v, 6) for v in vals] for k, vals in trace.to_dict().items()},
         }
+        if isdefined(self.inputs.standardisation):
+            with open(self.inputs.standardisation) as f:
+                self._results["info"]["Standardisation"] = json.load(f)
         return runtime

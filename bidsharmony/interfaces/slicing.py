@@ -43,6 +43,7 @@ class _ReassembleInputSpec(BaseInterfaceInputSpec):
     resampled = File(exists=True, mandatory=True, desc="the volume the harmonization started from")
     in_file = File(exists=True, mandatory=True, desc="the original T1w (native grid, header)")
     output_space = traits.Enum("native", "harmonization", usedefault=True)
+    standardisation = File(exists=True, desc="the intensity map ``resampled`` went through (.json): applied to the native voxels too")
 
 
 class _ReassembleOutputSpec(TraitedSpec):
@@ -54,7 +55,9 @@ class Reassemble(SimpleInterface):
 
     Native space adds the harmonization's change, resampled, to the original voxels: the input's
     own resolution survives (a 0.7 mm scan is not blurred to 1.2 mm), and voxels the harmonization
-    did not touch come back exactly as they were.
+    did not touch come back exactly as they were. With a standardisation, those voxels are first put
+    through the same map (the input's own voxels, not a resampled copy), so the whole output is on
+    the model's standard scale.
     """
 
     input_spec = _ReassembleInputSpec
@@ -85,6 +88,13 @@ class Reassemble(SimpleInterface):
             img.header.set_xyzt_units("mm")
         else:
             orig, data = load_t1w(self.inputs.in_file)
+            if isdefined(self.inputs.standardisation):
+                import json
+
+                from bidsharmony.image.standardise import apply_record
+
+                with open(self.inputs.standardisation) as f:
+                    data = apply_record(data, json.load(f))
             change = resample_onto(harmonized - resampled, res_img.affine, data.shape, orig.affine)
             img = nb.Nifti1Image((data + change).astype(np.float32), orig.affine, header=orig.header)
             img.header.set_data_dtype(np.float32)

@@ -34,6 +34,14 @@ REFERENCES = {
         "  title = {{{{MRFlow}}: normalizing flow-based {{MRI}} harmonization}},\n"
         "  booktitle = {{Proceedings of the International Society for Magnetic Resonance in Medicine (ISMRM)}},\n  year = {{2023}}\n}}",
     ),
+    "nyul": (
+        "Nyúl LG, Udupa JK, Zhang X. New variants of a method of MRI scale standardization. "
+        "IEEE Transactions on Medical Imaging 19(2):143-150, 2000",
+        "@article{{nyul2000standardization,\n  author = {{Ny{{\\'u}}l, L{{\\'a}}szl{{\\'o}} G. and Udupa, Jayaram K. and Zhang, Xuan}},\n"
+        "  title = {{New variants of a method of {{MRI}} scale standardization}},\n"
+        "  journal = {{IEEE Transactions on Medical Imaging}},\n  volume = {{19}},\n  number = {{2}},\n  pages = {{143--150}},\n"
+        "  year = {{2000}}\n}}",
+    ),
     "nsf": (
         "Durkan C, Bekasov A, Murray I, Papamakarios G. Neural spline flows. "
         "Advances in Neural Information Processing Systems 32 (NeurIPS), 2019",
@@ -152,19 +160,32 @@ def methods(meta: dict) -> tuple[str, list[str]]:
                  "scanner's images, while keeping their anatomy")
     native = not str(meta.get("OutputSpace", "native")).startswith("RAS")
     space = ("The change made on that grid was resampled onto the source image's own grid and added to its original "
-             "voxels, so the output keeps the input's resolution, field of view and header."
+             "voxels" + (" (put through the same intensity map)" if meta.get("Standardisation") else "")
+             + ", so the output keeps the input's resolution, field of view and header."
              if native else f"The output was kept on the {_num(voxel)} mm isotropic RAS grid.")
     text = (
         f"T1-weighted (T1w) images were {intro}, as implemented in bidsharmony {meta.get('SoftwareVersion') or '?'} "
         "{bidsharmony}. Each T1w image was reoriented to RAS and resampled to "
         f"{_num(voxel)} mm isotropic voxels (linear interpolation) with ANTs (antspyx{_v(versions, 'antspyx')}) {{ants}}. "
-        f"The target prior was {model_text}. "
+        + _standardisation_text(meta)
+        + f"The target prior was {model_text}. "
         + (_bhdiff_text(meta, p, model) if bhdiff else _flow_text(meta, p, model))
         + f" {space} The workflow was run with Nipype{_v(versions, 'nipype')} {{nipype}}, the input dataset was queried with "
         f"PyBIDS{_v(versions, 'pybids')} {{pybids}}, and the networks ran in PyTorch{_v(meta, 'TorchVersion')} {{pytorch}}."
     )
     keys = list(dict.fromkeys(_CITE.findall(text)))
     return text, keys
+
+
+def _standardisation_text(meta: dict) -> str:
+    std = meta.get("Standardisation")
+    if not isinstance(std, dict):
+        return ""
+    pct = ", ".join(_num(x) for x in std.get("Percentiles") or [])
+    return ("Its intensities were then standardised onto the target's scale, volume-wide and before any slicing, with a "
+            "piecewise-linear map through intensity landmarks in the manner of Nyúl et al. {nyul}: the image minimum and the "
+            f"{pct}th percentiles of a region deep inside the head (no brain mask), mapped onto the mean landmarks of the "
+            "target's training images; the output is on that standard scale. ")
 
 
 def _numbered(text: str, keys: list[str]) -> str:

@@ -111,7 +111,9 @@ def run_warnings(meta: dict) -> list[str]:
     barely = not have_hist or abs(before - after) < max(UNCHANGED_HISTOGRAM * before, 0.002)
     if isinstance(similarity, (int, float)) and similarity >= UNCHANGED_SIMILARITY and barely:
         moved = f"; the histogram distance to the target barely moved ({before:.3g} → {after:.3g})" if have_hist else ""
-        out.append(f"Harmonization changed (almost) nothing: similarity to the input {similarity:.4f}{moved}. Check that the "
+        what = ("Beyond the intensity standardisation (which these slice-wise figures do not see), the flow changed (almost) "
+                "nothing" if meta.get("IntensityScale") == "standard" else "Harmonization changed (almost) nothing")
+        out.append(f"{what}: similarity to the input {similarity:.4f}{moved}. Check that the "
                    "model's target domain suits this image and the parameters (--iterations, --beta-fidelity).")
     reasons = []
     smoke = model.get("Preset") in SMOKE_PRESETS or bool(model.get("SmokeTest"))

@@ -27,6 +27,25 @@ class SliceSet:
         return SliceSet(self.codes[mask], self.subject[mask], self.position_bin[mask])
 
 
+def target_landmarks(prepared, subjects: set) -> tuple[np.ndarray, int]:
+    """(standard landmarks, how many volumes) fitted on the resampled volumes of ``subjects``
+    (``prepared``: (subject, slices, record, resampled volume) per run), one volume in memory at a
+    time: the target's intensity scale that harmonization maps every source onto."""
+    import nibabel as nb
+
+    from bidsharmony.errors import BidsHarmonyError
+    from bidsharmony.image.standardise import fit_landmarks
+
+    paths = [path for subject, _, _, path in prepared if subject in subjects]
+    if not paths:
+        raise BidsHarmonyError("no training volume to fit the intensity landmarks on")
+    zooms = nb.load(paths[0]).header.get_zooms()[:3]  # every resampled volume has the same voxel size
+    try:
+        return fit_landmarks((np.asanyarray(nb.load(p).dataobj, dtype=np.float32) for p in paths), zooms=zooms), len(paths)
+    except ValueError as e:
+        raise BidsHarmonyError(f"cannot fit the target's intensity landmarks: {e}") from None
+
+
 def load_slice_set(items) -> SliceSet:
     """items: iterable of (subject, slices.npy, record.npz). Keeps the slices that hold head."""
     from bidsharmony.flow.scaling import LEVELS

@@ -16,18 +16,23 @@ from nipype.pipeline import engine as pe
 from bidsharmony.interfaces.harmonize import Harmonize
 from bidsharmony.interfaces.resample import ResampleToHarmonizationSpace
 from bidsharmony.interfaces.slicing import Reassemble, SliceVolume
+from bidsharmony.interfaces.standardise import Standardise
 
 
-def init_slices_wf(voxel_size: float = 1.2, grid_shape=(144, 176), omp_nthreads: int = 1, name: str = "slices_wf"):
-    """T1w -> canonical isotropic volume -> normalised slices on the model grid.
+def init_slices_wf(voxel_size: float = 1.2, grid_shape=(144, 176), omp_nthreads: int = 1, model=None, name: str = "slices_wf"):
+    """T1w -> canonical isotropic volume [-> standardised onto ``model``'s landmarks] ->
+    normalised slices on the model grid.
 
     The same nodes feed training and harmonization, so both see identical inputs.
 
-    Inputs: ``t1w``. Outputs: ``resampled`` (NIfTI), ``slices`` (.npy), ``record`` (.npz).
+    Inputs: ``t1w``. Outputs: ``resampled`` (NIfTI: the volume the slices were cut from, standardised
+    when ``model`` is given), ``slices`` (.npy), ``record`` (.npz); with ``model`` also
+    ``unstandardised`` (the resampled volume before the map) and ``standardisation`` (the map, JSON).
     """
     wf = pe.Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(fields=["t1w"]), name="inputnode")
-    outputnode = pe.Node(niu.IdentityInterface(fields=["resampled", "slices", "record"]), name="outputnode")
+    outputnode = pe.Node(niu.IdentityInterface(fields=["resampled", "slices", "record", "unstandardised", "standardisation"]),
+                         name="outputnode")
     resample = pe.Node(
         ResampleToHarmonizationSpace(voxel_size=voxel_size, num_threads=omp_nthreads),
         name="resample",
@@ -37,9 +42,18 @@ def init_slices_wf(voxel_size: float = 1.2, grid_shape=(144, 176), omp_nthreads:
     cut = pe.Node(SliceVolume(grid_shape=tuple(grid_shape)), name="slice", mem_gb=1.0)
     wf.connect([
         (inputnode, resample, [("t1w", "in_file")]),
-        (resample, cut, [("out_file", "in_file")]),
-        (resample, outputnode, [("out_file", "resampled")]),
         (cut, outputnode, [("slices", "slices"), ("record", "record")]),
+    ])  # fmt: skip
+    if model is None:
+        wf.connect([(resample, cut, [("out_file", "in_file")]), (resample, outputnode, [("out_file", "resampled")])])
+        return wf
+    standardise = pe.Node(Standardise(model=str(model)), name="standardise", mem_gb=1.5)
+    wf.connect([
+        (inputnode, standardise, [("t1w", "source")]),
+        (resample, standardise, [("out_file", "in_file")]),
+        (resample, outputnode, [("out_file", "unstandardised")]),
+        (standardise, cut, [("out_file", "in_file")]),
+        (standardise, outputnode, [("out_file", "resampled"), ("standardisation", "standardisation")]),
     ])  # fmt: skip
     return wf
 
@@ -52,6 +66,25 @@ def harmonize_mem_gb(model_config: dict, batch_size: int) -> float:
     return round(1.0 + batch_size * per_slice / 1e9, 1)
 
 
+def resolve_standardise(requested: str, config: dict, model) -> str:
+    """``auto`` → ``landmarks`` where the model holds landmarks, else ``none`` (with a warning);
+    ``landmarks`` with a model without them is refused."""
+    import logging
+
+    from bidsharmony.errors import ModelError
+    from bidsharmony.flow.checkpoint import has_landmarks
+
+    if has_landmarks(config):
+        return "none" if requested == "none" else "landmarks"
+    if requested == "landmarks":
+        raise ModelError(f"{model}: the model has no intensity landmarks (trained before standardisation existed); retrain it "
+                         "or pass --standardise none")
+    if requested == "auto":
+        logging.getLogger("bidsharmony").warning("%s: the model has no intensity landmarks; harmonizing without standardisation "
+                                                 "(retrain it to standardise)", model)
+    return "none"
+
+
 def init_harmonize_wf(
     model,
     params: dict | None = None,
@@ -62,22 +95,28 @@ def init_harmonize_wf(
 ):
     """Harmonize one T1w with a flow model.
 
+    resample (1.2 mm RAS) → standardise (onto the model's intensity landmarks, volume-wide) →
+    slice → harmonize (the flow loop) → reassemble (native grid, or the 1.2 mm one).
+
     Parameters
     ----------
     model : path of a model folder (``model.safetensors`` + ``config.json``)
-    params : HarmonizeParams fields (defaults where missing)
+    params : HarmonizeParams fields (defaults where missing); ``standardise`` ``auto`` is resolved here
     device : ``auto``, ``cpu``, ``cuda`` or ``cuda:N``
     output_space : ``native`` (the input's grid, affine and header) or ``harmonization`` (1.2 mm RAS)
 
-    Inputs: ``t1w``. Outputs: ``harmonized`` (NIfTI), ``info`` (dict for the sidecar),
-    ``trace`` (per-iteration objective terms, JSON), ``histograms`` (slice-intensity densities
-    before/after and the model's target, JSON).
+    Inputs: ``t1w``. Outputs: ``harmonized`` (NIfTI; on the model's standard intensity scale when
+    standardised, else on the input's), ``info`` (dict for the sidecar), ``trace`` (per-iteration
+    objective terms, JSON), ``histograms`` (slice-intensity densities before/after and the model's
+    target, JSON).
     """
     from bidsharmony.flow.checkpoint import read_config
     from bidsharmony.harmonize.solvers import HarmonizeParams
 
     config = read_config(model)
-    params = HarmonizeParams(**(params or {})).validate().to_dict()
+    params = HarmonizeParams(**(params or {})).validate()
+    params.standardise = resolve_standardise(params.standardise, config, model)
+    params = params.to_dict()
     prep = config.get("preprocessing", {})
     wf = pe.Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(fields=["t1w"]), name="inputnode")
@@ -86,6 +125,7 @@ def init_harmonize_wf(
         voxel_size=prep.get("voxel_size", 1.2),
         grid_shape=tuple(config["architecture"]["slice_shape"]),
         omp_nthreads=omp_nthreads,
+        model=model if params["standardise"] == "landmarks" else None,
     )
     harmonize = pe.Node(
         Harmonize(model=str(model), params=params, device=device, num_threads=omp_nthreads),
@@ -103,4 +143,9 @@ def init_harmonize_wf(
         (reassemble, outputnode, [("out_file", "harmonized")]),
         (harmonize, outputnode, [("info", "info"), ("trace", "trace"), ("histograms", "histograms")]),
     ])  # fmt: skip
+    if params["standardise"] == "landmarks":
+        wf.connect([
+            (slices_wf, harmonize, [("outputnode.standardisation", "standardisation"), ("outputnode.unstandardised", "unstandardised")]),
+            (slices_wf, reassemble, [("outputnode.standardisation", "standardisation")]),
+        ])  # fmt: skip
     return wf

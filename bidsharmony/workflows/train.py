@@ -17,14 +17,15 @@ def init_train_prep_wf(runs, voxel_size: float = 1.2, grid_shape=(144, 176), omp
     return wf
 
 
-def collect_slices(exec_graph, runs) -> list[tuple[str, str, str]]:
-    """(subject, slices.npy, record.npz) per run, from an executed ``init_train_prep_wf``."""
-    by_name = {}
+def collect_slices(exec_graph, runs) -> list[tuple[str, str, str, str]]:
+    """(subject, slices.npy, record.npz, resampled volume) per run, from an executed
+    ``init_train_prep_wf``."""
+    by_name: dict = {}
     for node in exec_graph.nodes():
-        if node.name == "slice":
-            by_name[node.fullname.split(".")[-2]] = node.result.outputs
+        if node.name in ("slice", "resample"):
+            by_name.setdefault(node.fullname.split(".")[-2], {})[node.name] = node.result.outputs
     out = []
     for run in runs:
         res = by_name[f"{run_name(run['entities'])}_wf"]
-        out.append((run["entities"]["subject"], res.slices, res.record))
+        out.append((run["entities"]["subject"], res["slice"].slices, res["slice"].record, res["resample"].out_file))
     return out

@@ -3,6 +3,9 @@ CLI option changed from the defaults) and the scores in its tables. Shared by th
 report writer."""
 
 ABLATIONS = {
+    # The stages of the default, each removed in turn: what the standardisation and the flow loop each add.
+    "nostd": ("no standardisation (the published method)", ["--standardise", "none"]),
+    "stdonly": ("standardisation alone (no flow loop)", ["--iterations", "0"]),
     "beta_fid0": ("β_fid = 0", ["--beta-fidelity", "0"]),
     "beta_grad0": ("β_grad = 0", ["--beta-gradient", "0"]),
     "alpha0": ("α = 0", ["--alpha", "0"]),

@@ -361,3 +361,20 @@ def test_reports_take_nulls_and_braces_from_a_sidecar_as_values():
     assert run_warnings(meta) == []  # nothing measured, nothing to warn about (it raised TypeError)
     text = boilerplate.plain(meta)
     assert "lab{x}" in text and "[1]" in text
+
+
+def test_figures_show_the_input_in_the_outputs_units():
+    """A standardised output is on other units than its input: the figures put the input in the
+    output's units by a line, so a change of units alone draws no difference, a contrast change does."""
+    from bidsharmony.reports.figures import in_output_units
+
+    rng = np.random.default_rng(0)
+    before = np.zeros((40, 40, 40), np.float32)
+    before[8:32, 8:32, 8:32] = rng.uniform(300, 900, (24, 24, 24))
+    same, rescaled = in_output_units(before, before * 1.01)
+    assert not rescaled and same is before
+    units, rescaled = in_output_units(before, 0.12 * before + 5)
+    assert rescaled and np.allclose(units, 0.12 * before + 5, atol=1e-3)
+    curved, _ = in_output_units(before, 100 * (before / 900) ** 2)
+    head = before > 0
+    assert np.abs(curved - 100 * (before / 900) ** 2)[head].mean() > 1  # the curve is still a change

@@ -249,6 +249,25 @@ def _display_range(before: np.ndarray, after: np.ndarray) -> tuple[float, float,
     return float(lo), float(hi), mask
 
 
+def in_output_units(before: np.ndarray, after: np.ndarray) -> tuple[np.ndarray, bool]:
+    """The input put in the output's units by the least-squares line a·before + b inside the head,
+    where the two are on other scales (a standardised output): a change of units alone is then no
+    change in the figures, a change of contrast still is. (input, False) where the units agree."""
+    from bidsharmony.metrics import head_mask
+
+    mask = head_mask(before)
+    if not mask.any():
+        return before, False
+    x, y = before[mask].astype(np.float64), after[mask].astype(np.float64)
+    if abs(np.percentile(y, 99) / max(np.percentile(x, 99), 1e-12) - 1) < 0.05:
+        return before, False
+    a, b = np.polyfit(x, y, 1)
+    return (a * before + b).astype(np.float32), True
+
+
+UNITS_NOTE = " (input linearly rescaled to the output's units)"
+
+
 def before_after(before: np.ndarray, after: np.ndarray, affine: np.ndarray, path: Path, title: str,
                  n: int = CUTS) -> MosaicLayout:
     """The flip view (SVG): mosaics of ``n`` sagittal, coronal and axial cuts of the input and of
@@ -256,8 +275,9 @@ def before_after(before: np.ndarray, after: np.ndarray, affine: np.ndarray, path
     hovering or clicking flips between them."""
     before, after = np.nan_to_num(before), np.nan_to_num(after)
     layout = mosaic_layout(before, affine, n)
+    before, rescaled = in_output_units(before, after)
     lo, hi, _ = _display_range(before, after)
-    layers = [("layer-before", "before: input", png_bytes(grey(mosaic(before, layout), lo, hi))),
+    layers = [("layer-before", "before: input" + UNITS_NOTE * rescaled, png_bytes(grey(mosaic(before, layout), lo, hi))),
               ("layer-after", "after: harmonized", png_bytes(grey(mosaic(after, layout), lo, hi)))]
     _write_text(path, _svg(layout, layers, f"{title}: before (input) and after (harmonized); hover or click to flip", flip=True))
     return layout
@@ -268,11 +288,12 @@ def difference(before: np.ndarray, after: np.ndarray, affine: np.ndarray, path: 
     darkened; the colour limit is the 99.5th percentile of the change inside the head."""
     before, after = np.nan_to_num(before), np.nan_to_num(after)
     layout = mosaic_layout(before, affine, n)
+    before, rescaled = in_output_units(before, after)
     _, _, mask = _display_range(before, after)
     diff = after - before
     limit = float(np.percentile(np.abs(diff[mask]), 99.5)) or 1.0
     layers = [("layer-difference", "after − before", png_bytes(diverging(mosaic(diff, layout), limit)))]
-    legend = f"red: brighter after, blue: darker; full colour at ±{limit:.3g}"
+    legend = f"red: brighter after, blue: darker; full colour at ±{limit:.3g}" + UNITS_NOTE * rescaled
     _write_text(path, _svg(layout, layers, f"{title}: after − before", flip=False, legend=legend))
 
 

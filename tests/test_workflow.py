@@ -35,7 +35,9 @@ def test_harmonize_wf_embeds_and_runs(example_bids, tiny_model, tmp_path):
 
 
 def test_nodes_declare_resources(tiny_model):
-    wf = init_harmonize_wf(tiny_model, {"batch_size": 64}, omp_nthreads=4)
-    node = wf.get_node("harmonize")
-    assert node.n_procs == 4
-    assert node.mem_gb == harmonize_mem_gb(json.loads((tiny_model / "config.json").read_text()), 64) > 1.0
+    """The scheduler sees the threads each node uses and a memory request that grows with the batch."""
+    config = json.loads((tiny_model / "config.json").read_text())
+    small, large = (init_harmonize_wf(tiny_model, {"batch_size": b}, omp_nthreads=4) for b in (8, 512))
+    assert small.get_node("harmonize").n_procs == small.get_node("slices_wf.resample").n_procs == 4
+    assert 1.0 <= small.get_node("harmonize").mem_gb < large.get_node("harmonize").mem_gb == harmonize_mem_gb(config, 512)
+    assert all(small.get_node(n).mem_gb >= 1.0 for n in ("slices_wf.standardise", "reassemble"))

@@ -121,6 +121,10 @@ def test_normalise_round_trip_and_coordinates():
     assert c[0, 0, 0, 0] == pytest.approx(10 / 19 * 2 - 1) and c[0, -1, 0, 0] == pytest.approx(16 / 19 * 2 - 1)
 
 
-def test_presets_build():
-    for name in PRESETS:
-        assert build_unet(name).cfg is PRESETS[name]
+def test_presets_build_the_documented_sizes():
+    """Each preset builds its own network: sizes grow tiny < small < paper, and paper has the
+    97.5 M parameters the README and docs/method.md §5 state (built on the meta device: no memory)."""
+    with torch.device("meta"):
+        counts = {name: sum(p.numel() for p in build_unet(name).parameters()) for name in PRESETS}
+    assert counts["tiny"] < counts["small"] < counts["paper"]
+    assert round(counts["paper"] / 1e6, 1) == 97.5, counts

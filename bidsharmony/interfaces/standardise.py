@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import os
 
-from nipype.interfaces.base import BaseInterfaceInputSpec, Directory, File, SimpleInterface, TraitedSpec, traits
+from nipype.interfaces.base import BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec, traits
 
 
 class _StandardiseInputSpec(BaseInterfaceInputSpec):
     in_file = File(exists=True, mandatory=True, desc="canonical isotropic volume (the resample node's output)")
-    model = Directory(exists=True, mandatory=True, desc="model folder with standard landmarks")
+    standard = traits.List(traits.Float, mandatory=True, desc="the model's standard landmarks (read once, when the workflow is built)")
+    percentiles = traits.List(traits.Float, mandatory=True, desc="the percentiles they are of")
     source = traits.Str("", usedefault=True, desc="the original T1w, named in errors")
 
 
@@ -30,13 +31,10 @@ class Standardise(SimpleInterface):
         import nibabel as nb
         import numpy as np
 
-        from bidsharmony.errors import ImageError, ModelError
-        from bidsharmony.flow.checkpoint import model_landmarks
+        from bidsharmony.errors import ImageError
         from bidsharmony.image import standardise as std
 
-        standard, percentiles = model_landmarks(self.inputs.model)
-        if standard is None:
-            raise ModelError(f"{self.inputs.model}: the model has no intensity landmarks; run without standardisation or retrain it")
+        standard, percentiles = np.asarray(self.inputs.standard, np.float64), list(self.inputs.percentiles)
         img = nb.load(self.inputs.in_file)
         volume = np.asanyarray(img.dataobj, dtype=np.float32)
         try:

@@ -47,7 +47,14 @@ def init_slices_wf(voxel_size: float = 1.2, grid_shape=(144, 176), omp_nthreads:
     if model is None:
         wf.connect([(resample, cut, [("out_file", "in_file")]), (resample, outputnode, [("out_file", "resampled")])])
         return wf
-    standardise = pe.Node(Standardise(model=str(model)), name="standardise", mem_gb=1.5)
+    from bidsharmony.flow.checkpoint import model_landmarks
+
+    standard, percentiles = model_landmarks(model)  # once here, not once per run in each node
+    if standard is None:
+        from bidsharmony.errors import ModelError
+
+        raise ModelError(f"{model}: the model has no intensity landmarks in its weights; retrain it or pass --standardise none")
+    standardise = pe.Node(Standardise(standard=[float(x) for x in standard], percentiles=percentiles), name="standardise", mem_gb=1.5)
     wf.connect([
         (inputnode, standardise, [("t1w", "source")]),
         (resample, standardise, [("out_file", "in_file")]),

@@ -51,12 +51,12 @@ def option_input(action: argparse.Action) -> dict:
     elif action.choices:
         inp["type"] = "String"
         inp["value-choices"] = list(action.choices)
-    elif type_name in ("int", "_positive_int", "_non_negative_int"):
+    elif type_name in ("int", "positive_int", "non_negative_int"):
         inp["type"] = "Number"
         inp["integer"] = True
         if type_name != "int":
-            inp["minimum"] = 1 if type_name == "_positive_int" else 0
-    elif type_name == "_non_negative_float":
+            inp["minimum"] = 1 if type_name == "positive_int" else 0
+    elif type_name == "non_negative_float":
         inp["type"] = "Number"
         inp["minimum"] = 0
     elif action.dest in EXISTING_PATHS:
@@ -72,7 +72,9 @@ def option_input(action: argparse.Action) -> dict:
 
 def descriptor() -> dict:
     parser = build_parser()
-    options = [a for a in parser._actions if a.option_strings and a.dest not in NOT_INPUTS]
+    # In the help's order, group by group (each method adds its options to two groups).
+    grouped = [a for g in parser._action_groups for a in g._group_actions]
+    options = [a for a in grouped if a.option_strings and a.dest not in NOT_INPUTS]
     # BIDS-app order: the three positionals and the two labels first, then the rest.
     first = ["participant_label", "session_label"]
     options.sort(key=lambda a: (a.dest not in first, first.index(a.dest) if a.dest in first else 0))

@@ -6,11 +6,11 @@ import argparse
 import re
 from pathlib import Path
 
-from bidsharmony import __version__
+from bidsharmony import __version__, methods
+from bidsharmony.argtypes import non_negative_float, positive_int
 from bidsharmony.errors import EXIT_USAGE
 
 LEVELS = ("participant", "group", "train")
-PRESET_NAMES = ("paper", "fast", "tiny")  # mirrored from flow.model.PRESETS (tested)
 _MEM = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
 _MEM_SCALE = {"B": 1e-9, "K": 1e-6, "M": 1e-3, "G": 1.0, "T": 1e3}
 
@@ -29,11 +29,6 @@ def memory_gb(text: str) -> float:
     return float(m.group(1)) * _MEM_SCALE[(m.group(2) or "M")[0].upper()]
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def _model_name(text: str) -> str:
@@ -43,18 +38,8 @@ def _model_name(text: str) -> str:
     return text
 
 
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
 
 
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
 
 
 def _device(text: str) -> str:
@@ -106,43 +91,27 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--skip-bids-validation", action="store_true", help="skip the BIDS validator and the checks of dataset_description.json")
 
     g = p.add_argument_group("harmonization")
-    g.add_argument("--method", choices=("flow", "bhdiff"), default="flow", help="flow: 2D normalizing-flow prior (BlindHarmony); bhdiff: 3D rectified flow from edges (BlindHarmonyDiff; needs a bhdiff --model)")
+    g.add_argument("--method", choices=methods.names(), default=methods.DEFAULT,
+                   help="; ".join(methods.get(name).SUMMARY for name in methods.names()))
     g.add_argument("--model", type=Path, metavar="DIR", help="model folder (model.safetensors + config.json); default: the bundled model")
-    g.add_argument("--standardise", choices=("auto", "landmarks", "none"), default="auto", help="flow: map each volume onto the model's intensity landmarks before slicing, so the output is on the target's scale (auto: where the model has landmarks; none: the published method, output on the input's scale)")
-    g.add_argument("--iterations", type=_non_negative_int, default=10, help="solver iterations (N)")
-    g.add_argument("--alpha", type=_non_negative_float, default=1e-3, help="latent shrink per iteration (weight of |z|^2)")
-    g.add_argument("--beta-fidelity", type=_non_negative_float, default=1e3, help="weight of the similarity to the source")
-    g.add_argument("--beta-gradient", type=_non_negative_float, default=1e-3, help="weight of the masked edge term |M G x|_1")
-    g.add_argument("--similarity", choices=("cosine", "ncc"), default="cosine", help="cosine: uncentred (the published code); ncc: mean-removed (the poster)")
-    g.add_argument("--start", choices=("source", "mean"), default="source", help="x_0: the source slice, or the model's mean target slice at that position (the published code; stronger per slice, but adds slice-to-slice steps in volumes: see README)")
-    g.add_argument("--solver", choices=("alternating", "latent"), default="alternating", help="alternating image/latent steps (published), or Adam on z through f^-1")
-    g.add_argument("--latent-lr", type=_non_negative_float, default=0.05, help="Adam step of the latent solver")
-    g.add_argument("--batch-size", type=_positive_int, default=None, help="slices per flow pass (default: 8 on CPU, 64 on GPU; halves itself on out-of-memory)")
-    g.add_argument("--ode-steps", type=_positive_int, default=15, help="bhdiff: midpoint ODE steps (2 network evaluations each)")
-    g.add_argument("--refine-steps", type=_non_negative_int, default=6, help="bhdiff: correlation-refinement steps")
-    g.add_argument("--refine-step", type=_non_negative_float, default=0.005, help="bhdiff: size of each refinement step ([-1, 1] intensity units)")
-    g.add_argument("--patch-size", type=_non_negative_int, default=0, help="bhdiff: sample in overlapping cubes of this size (0: the whole volume at once)")
     g.add_argument("--output-space", choices=("native", "harmonization"), default="native", help="native: the input's grid, affine and header; harmonization: the model's 1.2 mm RAS grid")
+    harmonization = g
 
     g = p.add_argument_group("training (analysis level 'train')")
-    g.add_argument("--preset", choices=PRESET_NAMES, default="fast", help="flow architecture")
-    g.add_argument("--steps", type=_positive_int, default=None, help="optimisation steps (default: 10000 on a GPU, 2000 on a CPU; bhdiff: 20000)")
-    g.add_argument("--train-batch-size", type=_positive_int, default=None, help="slices per training step (default: 256 on a GPU, 32 on a CPU; bhdiff: 2 patches)")
+    g.add_argument("--steps", type=positive_int, default=None, help="optimisation steps (default: 10000 on a GPU, 2000 on a CPU; bhdiff: 20000)")
+    g.add_argument("--train-batch-size", type=positive_int, default=None, help="slices per training step (default: 256 on a GPU, 32 on a CPU; bhdiff: 2 patches)")
     g.add_argument("--model-name", type=_model_name, default=None, metavar="NAME", help="the name recorded in the model's config.json (letters, digits, '-', '_', '.'); default: the OUTPUT_DIR folder's name")
-    g.add_argument("--learning-rate", type=_non_negative_float, default=5e-4, help="Adam learning rate (cosine-annealed to 0)")
-    g.add_argument("--validation-fraction", type=_non_negative_float, default=0.1, help="fraction of subjects held out for validation (at least one when there are 2 or more, never all; one subject: a contiguous block of its slices)")
-    g.add_argument("--val-every", type=_positive_int, default=500, help="validate (and keep the best model) every N steps")
-    g.add_argument("--checkpoint-every", type=_positive_int, default=250, help="save the training state every N steps (resume point)")
-    g.add_argument("--bhdiff-preset", choices=("tiny", "small", "paper"), default="small", help="bhdiff: 3D U-Net size (paper: 97.5 M parameters, for GPUs)")
-    g.add_argument("--train-patch", type=_positive_int, default=64, help="bhdiff: training patch edge (voxels)")
-    g.add_argument("--augment", action="store_true", help="random left-right flips")
+    g.add_argument("--learning-rate", type=non_negative_float, default=5e-4, help="Adam learning rate (cosine-annealed to 0)")
+    g.add_argument("--checkpoint-every", type=positive_int, default=250, help="save the training state every N steps (resume point)")
     g.add_argument("--amp", action="store_true", help="bf16 mixed precision in the coupling conditioners (for GPUs; the spline arithmetic stays float32)")
+    for name in methods.names():  # each method's own options, in its groups
+        methods.get(name).add_arguments(harmonization, g)
     g.add_argument("--overwrite", action="store_true", help="replace the model that OUTPUT_DIR holds (refused without it; the bundled models never)")
 
     g = p.add_argument_group("performance")
     g.add_argument("--device", type=_device, default="auto", help="auto, cpu, cuda or cuda:N")
-    g.add_argument("--nprocs", "--nthreads", "--n-cpus", type=_positive_int, metavar="N", help="maximum processes/threads in total (default: all CPUs)")
-    g.add_argument("--omp-nthreads", type=_positive_int, metavar="N", help="threads per process (torch, ITK); default: min(8, nprocs)")
+    g.add_argument("--nprocs", "--nthreads", "--n-cpus", type=positive_int, metavar="N", help="maximum processes/threads in total (default: all CPUs)")
+    g.add_argument("--omp-nthreads", type=positive_int, metavar="N", help="threads per process (torch, ITK); default: min(8, nprocs)")
     g.add_argument("--mem", type=memory_gb, metavar="SIZE", help="memory the run may use, with a unit (8GB, 500MB) or in MB (8000)")
     g.add_argument("--use-plugin", type=Path, metavar="FILE", help="Nipype plugin YAML (plugin: SLURM, plugin_args: {...})")
 

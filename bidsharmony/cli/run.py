@@ -10,6 +10,7 @@ import threading
 import time
 from pathlib import Path
 
+from bidsharmony import methods
 from bidsharmony.cli.execution import (
     FULL_OR_READ_ONLY,
     MIN_MEM_GB,
@@ -28,7 +29,6 @@ from bidsharmony.errors import (
     BidsHarmonyError,
     OutputError,
     UnknownLevelError,
-    UsageError,
 )
 
 LOG = logging.getLogger("bidsharmony")
@@ -86,26 +86,6 @@ def check_options(opts) -> None:
         _check_not_a_file(opts.work_dir.absolute(), "work directory")
 
 
-def _harmonize_params(opts, device: str) -> dict:
-    from bidsharmony.harmonize.solvers import HarmonizeParams
-
-    # Small batches are fastest on a CPU (cache); a GPU wants many slices per pass.
-    batch = opts.batch_size or (64 if device.startswith("cuda") else 8)
-    return HarmonizeParams(
-        iterations=opts.iterations,
-        alpha=opts.alpha,
-        beta_fidelity=opts.beta_fidelity,
-        beta_gradient=opts.beta_gradient,
-        similarity=opts.similarity,
-        start=opts.start,
-        solver=opts.solver,
-        latent_lr=opts.latent_lr,
-        batch_size=batch,
-        seed=opts.random_seed,
-        standardise=opts.standardise,
-    ).to_dict()
-
-
 def _on_sigterm(signum, frame):
     """SIGTERM (a scheduler's walltime, docker stop): say how to resume, then die of the signal.
     Raising instead would be swallowed by whichever Nipype node is running. Nothing is lost:
@@ -118,8 +98,6 @@ def _on_sigterm(signum, frame):
 def run_participant(opts, nprocs: int, omp: int, work_dir: Path, log_dir: Path) -> int:
     from bidsharmony.bids import check_output_paths, write_dataset_description
     from bidsharmony.device import resolve_device
-    from bidsharmony.flow.checkpoint import load_model
-    from bidsharmony.models import default_model
     from bidsharmony.outputs import participant_locks, remove_stale_partials
     from bidsharmony.workflows.base import init_bidsharmony_wf
 
@@ -129,30 +107,18 @@ def run_participant(opts, nprocs: int, omp: int, work_dir: Path, log_dir: Path) 
         return _reports_only(opts, subjects)
     check_images(runs)
     device = resolve_device(opts.device)
-    if opts.method == "bhdiff":
-        from bidsharmony.bhdiff.train import load_bhdiff_model
-        from bidsharmony.bhdiff.volume import BHDiffParams
-
-        if opts.model is None:
-            raise UsageError("--method bhdiff needs --model DIR: no bhdiff model ships (train one with --method bhdiff train)")
-        model = opts.model
-        _, cfg = load_bhdiff_model(model)  # fails early on a bad model folder
-        name, sha = cfg.get("name"), cfg["weights_sha256"]
-        params = BHDiffParams(ode_steps=opts.ode_steps, refine_steps=opts.refine_steps, refine_step=opts.refine_step,
-                              patch=opts.patch_size, seed=opts.random_seed).validate().to_dict()  # fmt: skip
-    else:
-        model = opts.model or default_model()
-        loaded = load_model(model, device="cpu")  # fails early on a bad model folder
-        name, sha = loaded.name, loaded.sha256
-        params = _harmonize_params(opts, device)
-    LOG.info("%d T1w run(s); %s model %s (sha256 %s…); device %s", len(runs), opts.method, name, sha[:12], device)
+    method = methods.get(opts.method)
+    model = method.check_model(opts.model, device)  # fails early on a bad model folder
+    params = method.harmonize_params(opts, device)
+    used = f"model {model.name} (sha256 {model.sha256[:12]}…)" if model.folder is not None else "no model"
+    LOG.info("%d T1w run(s); method %s, %s; device %s", len(runs), opts.method, used, device)
     check_output_paths(opts.output_dir, runs)
     with participant_locks(opts.output_dir, subjects):
         write_dataset_description(opts.output_dir, opts.bids_dir)
         remove_stale_partials(opts.output_dir, subjects)
         if opts.clean_workdir:
             clean_work_dir(work_dir, runs)
-        wf = init_bidsharmony_wf(runs, opts.output_dir, model, params, device=device, output_space=opts.output_space,
+        wf = init_bidsharmony_wf(runs, opts.output_dir, model.folder, params, device=device, output_space=opts.output_space,
                                  omp_nthreads=omp, method=opts.method)
         wf.base_dir = str(work_dir)
         t0 = time.perf_counter()

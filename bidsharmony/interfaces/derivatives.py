@@ -12,6 +12,7 @@ class _SinkInputSpec(BaseInterfaceInputSpec):
     source_relpath = traits.Str(mandatory=True, desc="source path relative to BIDS_DIR")
     output_space = traits.Enum("native", "harmonization", usedefault=True)
     info = traits.Dict(desc="provenance from the harmonization node")
+    description = traits.Str("T1w harmonized to the model's target domain", usedefault=True, desc="the method's sidecar Description")
 
 
 class _SinkOutputSpec(TraitedSpec):
@@ -33,9 +34,7 @@ class DerivativesSink(SimpleInterface):
         out = derivative_path(self.inputs.out_dir, self.inputs.entities, res=None if native else "1p2")
         sidecar = out.with_name(out.name.replace(".nii.gz", ".json"))
         meta = {
-            "Description": "T1w harmonized to the model's target domain with a 3D rectified flow from edges (BlindHarmonyDiff)"
-            if str((self.inputs.info or {}).get("Method", "")).startswith("bhdiff")
-            else "T1w harmonized to the model's target domain with a normalizing-flow prior (BlindHarmony)",
+            "Description": self.inputs.description,
             "Sources": [bids_uri(self.inputs.source_relpath)],
             "OutputSpace": "native grid of the source" if native else "RAS, isotropic, the model's voxel size",
             "SkullStripped": False,  # required by BIDS-Derivatives for anatomical images: the whole head is kept

@@ -143,7 +143,10 @@ def methods(meta: dict) -> tuple[str, list[str]]:
     model = meta.get("Model") or {}
     p = meta.get("Parameters") or {}
     versions = meta.get("SoftwareDependencies") or {}
-    bhdiff = str(meta.get("Method", "")).startswith("bhdiff")
+    method = str(meta.get("Method", ""))
+    if method.startswith("identity"):
+        return _identity_text(meta, versions)
+    bhdiff = method.startswith("bhdiff")
     voxel = model.get("VoxelSize") or 1.2
     model_text = f"the model {model.get('Name') or 'unnamed'}"
     details = [f"{model['Preset']} preset"] if model.get("Preset") else []
@@ -175,6 +178,16 @@ def methods(meta: dict) -> tuple[str, list[str]]:
     )
     keys = list(dict.fromkeys(_CITE.findall(text)))
     return text, keys
+
+
+def _identity_text(meta: dict, versions: dict) -> tuple[str, list[str]]:
+    """The baseline run: nothing was harmonized, and the paragraph says so."""
+    text = (f"T1-weighted (T1w) images were passed through bidsharmony {meta.get('SoftwareVersion') or '?'} {{bidsharmony}} "
+            "without harmonization (its identity method, a baseline): each image was reoriented to RAS and resampled to "
+            f"1.2 mm isotropic voxels with ANTs (antspyx{_v(versions, 'antspyx')}) {{ants}} and reassembled unchanged. The "
+            f"workflow was run with Nipype{_v(versions, 'nipype')} {{nipype}}, and the input dataset was queried with "
+            f"PyBIDS{_v(versions, 'pybids')} {{pybids}}.")
+    return text, list(dict.fromkeys(_CITE.findall(text)))
 
 
 def _standardisation_text(meta: dict) -> str:

@@ -8,7 +8,6 @@ from nipype.pipeline import engine as pe
 
 from bidsharmony.interfaces.derivatives import DerivativesSink
 from bidsharmony.interfaces.report import ReportFigures, RunQuality
-from bidsharmony.workflows.harmonize import init_harmonize_wf
 
 
 def _nipype_safe(text: str) -> str:
@@ -41,6 +40,8 @@ def model_facts(model) -> dict:
     from bidsharmony.flow.checkpoint import CARD, CONFIG, read_config_file
 
     facts: dict = {}
+    if model is None:  # a method without a model (identity)
+        return facts
     try:
         config = read_config_file(Path(model) / CONFIG)
     except ModelError:
@@ -59,21 +60,34 @@ def model_facts(model) -> dict:
     return facts
 
 
-def init_bidsharmony_wf(runs, out_dir, model, params=None, device="auto", output_space="native", omp_nthreads=1,
+def init_bidsharmony_wf(runs, out_dir, model, params=None, *, device="auto", output_space="native", omp_nthreads=1,
                         method="flow", name=None):
-    """``runs``: dicts from ``bids.collect_t1w``; ``method``: flow (2D, BlindHarmony) or bhdiff (3D).
+    """The participant workflow: for each run, ``method``'s harmonization workflow (``methods/``),
+    then ``quality`` (the sidecar's slice-step figure, scanner and model facts) → ``ds`` (the
+    derivative and its sidecar), and ``report`` (the figures) beside them, so a figure that fails
+    to draw never holds back the derivative.
 
-    Per run: harmonization → ``quality`` (the sidecar's slice-step figure, scanner and model facts)
-    → ``ds`` (the derivative and its sidecar), and ``report`` (the figures) beside them, so a
-    figure that fails to draw never holds back the derivative."""
-    from bidsharmony.workflows.bhdiff import init_bhdiff_wf
+    Parameters
+    ----------
+    runs : list of dict
+        From ``bids.collect_t1w``: ``path``, ``relpath``, ``entities``, ``scanner``.
+    out_dir : path
+        The derivatives dataset.
+    model : path or None
+        The model folder (``None`` for a method without one).
+    params : dict
+        The method's parameters (``harmonize_params``).
+    method : str
+        A name in ``methods.METHODS``.
+    """
+    from bidsharmony import methods
 
-    factory = {"flow": init_harmonize_wf, "bhdiff": init_bhdiff_wf}[method]
+    impl = methods.get(method)
     facts = model_facts(model)
     wf = pe.Workflow(name=name or workflow_name())
     for run in runs:
         label = run_name(run["entities"])
-        hwf = factory(model, params, device=device, output_space=output_space, omp_nthreads=omp_nthreads, name=f"{label}_wf")
+        hwf = impl.init_wf(model, params, device=device, output_space=output_space, omp_nthreads=omp_nthreads, name=f"{label}_wf")
         hwf.get_node("inputnode").inputs.t1w = run["path"]
         quality = pe.Node(RunQuality(source=run["path"], scanner=run.get("scanner") or {}, model_facts=facts),
                           name=f"{label}_quality", mem_gb=1.0)  # fmt: skip
@@ -83,7 +97,8 @@ def init_bidsharmony_wf(runs, out_dir, model, params=None, device="auto", output
             mem_gb=1.0,
         )
         sink = pe.Node(
-            DerivativesSink(out_dir=str(out_dir), entities=run["entities"], source_relpath=run["relpath"], output_space=output_space),
+            DerivativesSink(out_dir=str(out_dir), entities=run["entities"], source_relpath=run["relpath"], output_space=output_space,
+                            description=impl.DESCRIPTION),
             name=f"{label}_ds",
             run_without_submitting=True,
             mem_gb=0.2,

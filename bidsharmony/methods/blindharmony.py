@@ -1,0 +1,144 @@
+"""BlindHarmony (``--method flow``): a 2D normalizing-flow prior of the target's axial slices,
+applied slice by slice after a volume-wide standardisation onto the target's intensity landmarks.
+
+Its parts: the flow (``bidsharmony.flow``), the harmonization solvers (``bidsharmony.harmonize``),
+training (``bidsharmony.train``) and the workflow (``bidsharmony.workflows.harmonize``).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from bidsharmony.argtypes import non_negative_float, non_negative_int, positive_int
+from bidsharmony.methods import ModelInfo
+
+LOG = logging.getLogger("bidsharmony")
+
+SUMMARY = "flow: 2D normalizing-flow prior (BlindHarmony)"
+DESCRIPTION = "T1w harmonized to the model's target domain with a normalizing-flow prior (BlindHarmony)"
+PRESET_NAMES = ("paper", "fast", "tiny")  # mirrored from flow.model.PRESETS (tested): --help imports no torch
+
+
+def add_arguments(harmonization, training) -> None:
+    g = harmonization
+    g.add_argument("--standardise", choices=("auto", "landmarks", "none"), default="auto", help="flow: map each volume onto the model's intensity landmarks before slicing, so the output is on the target's scale (auto: where the model has landmarks; none: the published method, output on the input's scale)")
+    g.add_argument("--iterations", type=non_negative_int, default=10, help="solver iterations (N)")
+    g.add_argument("--alpha", type=non_negative_float, default=1e-3, help="latent shrink per iteration (weight of |z|^2)")
+    g.add_argument("--beta-fidelity", type=non_negative_float, default=1e3, help="weight of the similarity to the source")
+    g.add_argument("--beta-gradient", type=non_negative_float, default=1e-3, help="weight of the masked edge term |M G x|_1")
+    g.add_argument("--similarity", choices=("cosine", "ncc"), default="cosine", help="cosine: uncentred (the published code); ncc: mean-removed (the poster)")
+    g.add_argument("--start", choices=("source", "mean"), default="source", help="x_0: the source slice, or the model's mean target slice at that position (the published code; stronger per slice, but adds slice-to-slice steps in volumes: see README)")
+    g.add_argument("--solver", choices=("alternating", "latent"), default="alternating", help="alternating image/latent steps (published), or Adam on z through f^-1")
+    g.add_argument("--latent-lr", type=non_negative_float, default=0.05, help="Adam step of the latent solver")
+    g.add_argument("--batch-size", type=positive_int, default=None, help="slices per flow pass (default: 8 on CPU, 64 on GPU; halves itself on out-of-memory)")
+    t = training
+    t.add_argument("--preset", choices=PRESET_NAMES, default="fast", help="flow architecture")
+    t.add_argument("--validation-fraction", type=non_negative_float, default=0.1, help="fraction of subjects held out for validation (at least one when there are 2 or more, never all; one subject: a contiguous block of its slices)")
+    t.add_argument("--val-every", type=positive_int, default=500, help="validate (and keep the best model) every N steps")
+    t.add_argument("--augment", action="store_true", help="random left-right flips")
+
+
+def harmonize_params(opts, device: str) -> dict:
+    from bidsharmony.harmonize.solvers import HarmonizeParams
+
+    # Small batches are fastest on a CPU (cache); a GPU wants many slices per pass.
+    batch = opts.batch_size or (64 if device.startswith("cuda") else 8)
+    return HarmonizeParams(
+        iterations=opts.iterations,
+        alpha=opts.alpha,
+        beta_fidelity=opts.beta_fidelity,
+        beta_gradient=opts.beta_gradient,
+        similarity=opts.similarity,
+        start=opts.start,
+        solver=opts.solver,
+        latent_lr=opts.latent_lr,
+        batch_size=batch,
+        seed=opts.random_seed,
+        standardise=opts.standardise,
+    ).validate().to_dict()
+
+
+def check_model(model: Path | None, device: str) -> ModelInfo:
+    """``--model`` or the bundled default, loaded once on the CPU to fail early on a bad folder."""
+    from bidsharmony.flow.checkpoint import load_model
+    from bidsharmony.models import default_model
+
+    folder = Path(model) if model is not None else default_model()
+    loaded = load_model(folder, device="cpu")
+    return ModelInfo(folder, loaded.name, loaded.sha256)
+
+
+def init_wf(model, params: dict, *, device: str = "auto", output_space: str = "native", omp_nthreads: int = 1,
+            name: str = "harmonize_wf"):
+    from bidsharmony.workflows.harmonize import init_harmonize_wf
+
+    return init_harmonize_wf(model, params, device=device, output_space=output_space, omp_nthreads=omp_nthreads, name=name)
+
+
+def train_defaults(gpu: bool) -> tuple[tuple[int, int], str]:
+    """(steps, slices per step) and why: a CPU step on 256 slices takes seconds and gigabytes."""
+    return ((10000, 256), "defaults for a GPU") if gpu else ((2000, 32), "defaults for a CPU")
+
+
+def train(opts, runs, *, device: str, steps: int, batch: int, run_workflow) -> None:
+    """Preprocess the target's runs with the harmonization's own nodes (``run_workflow`` executes a
+    Nipype workflow and returns its graph), then fit the flow, its mean start images, slice
+    histogram and intensity landmarks, into a folder built aside and swapped in when finished."""
+    from bidsharmony import __version__
+    from bidsharmony.errors import BidsHarmonyError
+    from bidsharmony.flow.checkpoint import new_stage, publish_training
+    from bidsharmony.flow.model import PRESETS
+    from bidsharmony.image.slices import POSITION_BINS
+    from bidsharmony.image.standardise import LANDMARKS, model_entry
+    from bidsharmony.train import data as tdata
+    from bidsharmony.train.loop import TrainConfig, train_flow
+    from bidsharmony.workflows.train import collect_slices, init_train_prep_wf
+
+    grid = PRESETS[opts.preset].slice_shape
+    LOG.info("preprocessing %d T1w run(s) for training", len(runs))
+    graph = run_workflow(init_train_prep_wf(runs, voxel_size=1.2, grid_shape=grid, omp_nthreads=1))
+    prepared = collect_slices(graph, runs)
+    slices = tdata.load_slice_set(item[:3] for item in prepared)
+    if len(slices) < 2:
+        raise BidsHarmonyError(f"{opts.bids_dir}: only {len(slices)} slice(s) with head found; cannot train")
+    train_set, val = tdata.split_by_subject(slices, opts.validation_fraction, opts.random_seed)
+    LOG.info("training on %d slices (%d subjects), validating on %d slices (%d subjects)",
+             len(train_set), len(set(train_set.subject)), len(val), len(set(val.subject)))
+    cfg = TrainConfig(
+        preset=opts.preset, steps=steps, batch_size=batch, learning_rate=opts.learning_rate,
+        val_every=opts.val_every, checkpoint_every=opts.checkpoint_every, augment=opts.augment, seed=opts.random_seed, amp=opts.amp,
+    )  # fmt: skip
+    meta = {
+        "name": opts.model_name or opts.output_dir.resolve().name,
+        "preset": opts.preset,
+        "software_version": __version__,
+        "preprocessing": {
+            "voxel_size": 1.2,
+            "orientation": "RAS",
+            "slice_axis": "axial (inferior-superior)",
+            "slice_shape": list(grid),
+            "normalisation": "per-slice min-max to [0, 1] inside the grid",
+            "quantisation_bits": 12,
+            "position_bins": POSITION_BINS,
+        },
+        "training_data": {
+            "dataset": str(opts.bids_dir.resolve()),
+            "subjects_train": sorted(set(train_set.subject.tolist())),
+            "subjects_validation": sorted(set(val.subject.tolist())),
+            "slices_train": len(train_set),
+            "slices_validation": len(val),
+        },
+    }
+    landmarks, volumes = tdata.target_landmarks(prepared, set(train_set.subject.tolist()))
+    LOG.info("intensity landmarks of %d training volume(s): %s", volumes, ", ".join(f"{x:.1f}" for x in landmarks))
+    meta["preprocessing"]["standardisation"] = model_entry(volumes)
+    extras = {"start_images": tdata.mean_start_images(train_set), "target_histogram": tdata.intensity_histogram(train_set),
+              LANDMARKS: landmarks}
+    stage = new_stage(opts.output_dir, "training")  # built aside, resumable, swapped in when finished
+    summary = train_flow(train_set, val, cfg, stage, device=device, extras=extras, meta=meta,
+                         progress=sys.stderr.isatty() or opts.verbose > 0, overwrite=opts.overwrite)
+    publish_training(stage, opts.output_dir)
+    LOG.info("trained %d steps in %.0f s; best validation %.4f bits/dim; model in %s", summary["steps"], summary["seconds"],
+             summary["best_val_bpd"], opts.output_dir)

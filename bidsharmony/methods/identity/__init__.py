@@ -1,0 +1,71 @@
+"""``--method identity``: the pipeline without harmonization. The T1w is resampled to the 1.2 mm
+grid and reassembled, and nothing else changes: a baseline for what the pipeline alone does to an
+image (native output: the input's own voxels, bit for bit in float32), and the smallest example of
+a method (one package here and one line in ``methods.METHODS``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bidsharmony.methods import ModelInfo
+
+SUMMARY = "identity: no harmonization, the pipeline only (a baseline)"
+DESCRIPTION = "T1w passed through the pipeline unharmonized (the identity method: a baseline)"
+
+
+def add_arguments(harmonization, training) -> None:
+    """No options of its own."""
+
+
+def harmonize_params(opts, device: str) -> dict:
+    return {}
+
+
+def check_model(model: Path | None, device: str) -> ModelInfo:
+    from bidsharmony.errors import UsageError
+
+    if model is not None:
+        raise UsageError("--method identity uses no model; leave out --model")
+    return ModelInfo(None, "none", "")
+
+
+def init_wf(model, params: dict, *, device: str = "auto", output_space: str = "native", omp_nthreads: int = 1,
+            name: str = "identity_wf"):
+    """resample (1.2 mm RAS) → identity → reassemble (native grid, or the 1.2 mm one).
+
+    Inputs: ``t1w``. Outputs: ``harmonized``, ``info``, ``trace``, ``histograms`` (as every method's).
+    """
+    from nipype.interfaces import utility as niu
+    from nipype.pipeline import engine as pe
+
+    from bidsharmony.interfaces.resample import ResampleToHarmonizationSpace
+    from bidsharmony.interfaces.slicing import Reassemble
+    from bidsharmony.methods.identity.interfaces import IdentityHarmonize
+
+    wf = pe.Workflow(name=name)
+    inputnode = pe.Node(niu.IdentityInterface(fields=["t1w"]), name="inputnode")
+    outputnode = pe.Node(niu.IdentityInterface(fields=["harmonized", "info", "trace", "histograms"]), name="outputnode")
+    resample = pe.Node(ResampleToHarmonizationSpace(voxel_size=1.2, num_threads=omp_nthreads), name="resample",
+                       n_procs=omp_nthreads, mem_gb=1.5)  # fmt: skip
+    harmonize = pe.Node(IdentityHarmonize(), name="harmonize", mem_gb=1.0)
+    reassemble = pe.Node(Reassemble(output_space=output_space), name="reassemble", mem_gb=1.5)
+    wf.connect([
+        (inputnode, resample, [("t1w", "in_file")]),
+        (inputnode, reassemble, [("t1w", "in_file")]),
+        (resample, harmonize, [("out_file", "in_file")]),
+        (resample, reassemble, [("out_file", "resampled")]),
+        (harmonize, reassemble, [("out_file", "volume")]),
+        (reassemble, outputnode, [("out_file", "harmonized")]),
+        (harmonize, outputnode, [("info", "info"), ("trace", "trace"), ("histograms", "histograms")]),
+    ])  # fmt: skip
+    return wf
+
+
+def train_defaults(gpu: bool) -> tuple[tuple[int, int], str]:
+    return (0, 0), "nothing to train"
+
+
+def train(opts, runs, *, device: str, steps: int, batch: int, run_workflow) -> None:
+    from bidsharmony.errors import UsageError
+
+    raise UsageError("--method identity has nothing to train")

@@ -1,0 +1,55 @@
+"""The identity method's node."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from nipype.interfaces.base import BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec, traits
+
+
+class _IdentityInputSpec(BaseInterfaceInputSpec):
+    in_file = File(exists=True, mandatory=True, desc="canonical 1.2 mm volume (the resample node's output)")
+
+
+class _IdentityOutputSpec(TraitedSpec):
+    out_file = File(exists=True, desc="the same volume")
+    info = traits.Dict()
+    trace = File(exists=True, desc="an empty trace (.json)")
+    histograms = File(exists=True, desc="slice-intensity densities, before = after (.json)")
+
+
+class IdentityHarmonize(SimpleInterface):
+    """The harmonization node's outputs for a volume left as it is."""
+
+    input_spec = _IdentityInputSpec
+    output_spec = _IdentityOutputSpec
+
+    def _run_interface(self, runtime):
+        import nibabel as nb
+        import numpy as np
+
+        from bidsharmony.image.slices import cut
+        from bidsharmony.metrics import harmonization_quality
+
+        vol = np.asanyarray(nb.load(self.inputs.in_file).dataobj, dtype=np.float32)
+        slices, record = cut(vol)
+        idx = record.harmonize.astype(bool)
+        hist, quality = harmonization_quality(slices[idx], slices[idx], None)
+        paths = {k: os.path.join(runtime.cwd, f"{k}.json") for k in ("trace", "histograms")}
+        for key, value in (("trace", {}), ("histograms", hist)):
+            with open(paths[key], "w") as f:
+                json.dump(value, f)
+        self._results.update(paths)
+        self._results["out_file"] = self.inputs.in_file
+        self._results["info"] = {
+            "Method": "identity (no harmonization)",
+            "Model": {"Name": "none"},
+            "Parameters": {},
+            "SlicesHarmonized": 0,
+            "SlicesTotal": len(idx),
+            "FallbackSlices": 0,
+            "HarmonizationSeconds": 0.0,
+            "Quality": quality,
+        }
+        return runtime

@@ -279,6 +279,12 @@ def run_stem(entities: dict) -> str:
     return "_".join(f"{ENTITY_ORDER.get(k, k)}-{entities[k]}" for k in names)
 
 
+def stem_of(filename: str) -> str:
+    """A run's stem (sub-01_ses-1_run-2) from any of its files' names (an output, its sidecar, a
+    figure): ``run_stem`` of the name's entities, so without the output's own res- and desc-."""
+    return run_stem(filename_entities(Path(filename).name))
+
+
 def derivative_name(entities: dict, desc: str = "harmonized", suffix: str = "T1w", extension: str = ".nii.gz", res: str | None = None) -> str:
     parts = [run_stem(entities)]
     if res:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bidsharmony.bids import stem_of
 from bidsharmony.errors import NoFilesError
 from bidsharmony.outputs import atomic_save, atomic_write_text
 from bidsharmony.reports.sidecar import SUMMARY_METRICS, read_sidecar
@@ -109,7 +110,7 @@ def plot_group(out_dir: Path, rows: list[dict]) -> list[Path]:
                            (axes[2], "similarity_to_input", "similarity to the input")):  # fmt: skip
         vals = [r[key] if r[key] is not None else np.nan for r in rows]
         ax.bar(range(len(rows)), vals, color=[colours[r["scanner"]] for r in rows])
-        ax.set_xticks(range(len(rows)), [r["file"].split("/")[-1].split("_desc-")[0] for r in rows], rotation=60, ha="right", fontsize=6)
+        ax.set_xticks(range(len(rows)), [stem_of(r["file"]) for r in rows], rotation=60, ha="right", fontsize=6)
         ax.set_title(title, fontsize=9)
     handles = [plt.Line2D([], [], color=colours[s], marker="o", ls="", label=s) for s in scanners]
     fig.legend(handles=handles, loc="upper center", ncol=min(len(scanners), 4), frameon=False, fontsize=8)

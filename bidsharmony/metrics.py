@@ -15,11 +15,6 @@ def robust_scale(v: np.ndarray, mask: np.ndarray, lo: float = 1.0, hi: float = 9
     return ((v - p_lo) / max(float(p_hi - p_lo), 1e-12)).astype(np.float32)
 
 
-def head_mask(v: np.ndarray) -> np.ndarray:
-    """Voxels above 10 % of the 99th percentile: the head, without background noise."""
-    return v > 0.1 * np.percentile(v, 99)
-
-
 def mask_slices(mask: np.ndarray) -> np.ndarray:
     """Indices of the axial slices (last axis of a RAS array) that hold enough of the mask."""
     return np.flatnonzero(mask.mean(axis=(0, 1)) >= MIN_MASK_FRACTION)

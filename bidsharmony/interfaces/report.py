@@ -60,7 +60,8 @@ class RunQuality(SimpleInterface):
     output_spec = _QualityOutputSpec
 
     def _run_interface(self, runtime):
-        from bidsharmony.metrics import head_mask, slice_step_ratio
+        from bidsharmony.image.slices import head_mask
+        from bidsharmony.metrics import slice_step_ratio
 
         before, after, _ = load_pair(self.inputs.source, self.inputs.harmonized)
         info = dict(self.inputs.info)

@@ -85,7 +85,7 @@ def _bounding_box(mask: np.ndarray, margin: int = 3) -> tuple:
 def mosaic_layout(reference: np.ndarray, affine: np.ndarray, n: int = CUTS) -> MosaicLayout:
     """Cuts evenly spaced through the head of ``reference`` (a RAS array), ``n`` per orientation,
     leaving out the head's outermost eighths, where a cut holds only scalp."""
-    from bidsharmony.metrics import head_mask
+    from bidsharmony.image.slices import head_mask
 
     finite = np.nan_to_num(reference)
     box = _bounding_box(head_mask(finite) if finite.max() > finite.min() else np.ones(finite.shape, bool))
@@ -240,7 +240,7 @@ def _write_text(path: Path, text: str) -> None:
 
 
 def _display_range(before: np.ndarray, after: np.ndarray) -> tuple[float, float, np.ndarray]:
-    from bidsharmony.metrics import head_mask
+    from bidsharmony.image.slices import head_mask
 
     mask = head_mask(before)
     if not mask.any():
@@ -253,7 +253,7 @@ def in_output_units(before: np.ndarray, after: np.ndarray) -> tuple[np.ndarray, 
     """The input put in the output's units by the least-squares line a·before + b inside the head,
     where the two are on other scales (a standardised output): a change of units alone is then no
     change in the figures, a change of contrast still is. (input, False) where the units agree."""
-    from bidsharmony.metrics import head_mask
+    from bidsharmony.image.slices import head_mask
 
     mask = head_mask(before)
     if not mask.any():

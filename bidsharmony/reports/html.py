@@ -13,6 +13,7 @@ from html import escape
 from pathlib import Path
 
 from bidsharmony import __version__
+from bidsharmony.bids import stem_of
 from bidsharmony.outputs import atomic_write_text
 
 LOG = logging.getLogger("bidsharmony")
@@ -81,14 +82,6 @@ WEAK_MODEL_BPD = 8.0  # validation bits/dim above this: a weak prior (shipped ix
 SMOKE_PRESETS = ("tiny",)
 
 
-def _stem(filename: str) -> str:
-    """A run's name (sub-01_ses-1_run-2) from any of its outputs' file names, as the figures are
-    named (``bids.run_stem``): without the output's own res- and desc-."""
-    from bidsharmony.bids import filename_entities, run_stem
-
-    return run_stem(filename_entities(Path(filename).name))
-
-
 def run_warnings(meta: dict) -> list[str]:
     """Things a user should look at, from one run's sidecar."""
     q = meta.get("Quality") or {}
@@ -134,7 +127,7 @@ def run_warnings(meta: dict) -> list[str]:
 
 def _run_section(out_dir: Path, sidecar: Path, meta: dict) -> list[str]:
     image = sidecar.with_name(sidecar.name.replace(".json", ".nii.gz"))
-    stem = _stem(image.name)
+    stem = stem_of(image.name)
     sub = stem.split("_")[0]
     model = meta.get("Model") or {}
     q = meta.get("Quality") or {}
@@ -188,7 +181,7 @@ def write_participant_report(out_dir, subject: str) -> Path:
     sidecars = sorted((out_dir / f"sub-{subject}").glob("**/anat/*_desc-harmonized_T1w.json"))
     body = [f"<p>{len(sidecars)} harmonized T1w run(s). Each section: the run's facts, warnings, parameters and figures "
             "(figures in <code>sub-" + escape(subject) + "/figures/</code>).</p>"]
-    body += ["<ul>" + "".join(f'<li><a href="#{escape(_stem(s.name))}">{escape(_stem(s.name))}</a></li>'
+    body += ["<ul>" + "".join(f'<li><a href="#{escape(stem_of(s.name))}">{escape(stem_of(s.name))}</a></li>'
                               for s in sidecars) + '<li><a href="#methods">Methods</a></li></ul>']
     from bidsharmony.reports.sidecar import read_sidecar
 
@@ -202,7 +195,7 @@ def write_participant_report(out_dir, subject: str) -> Path:
             continue
         body += _run_section(out_dir, sidecar, meta)
         metas.append(meta)
-        names.append([_stem(sidecar.name)])
+        names.append([stem_of(sidecar.name)])
     body += _methods(metas, names)
     path = out_dir / f"sub-{subject}.html"
     atomic_write_text(path, _page(f"bidsharmony: sub-{subject}", body), root=out_dir)
@@ -220,7 +213,7 @@ def _run_table(rows: list[dict], warnings: list[list[str]]) -> str:
     lines = ["<tr>" + "".join(f"<th>{escape(h)}</th>" for h in head) + "</tr>"]
     for r, warns in zip(rows, warnings):
         sub = r["file"].split("/")[0]
-        stem = _stem(r["file"])
+        stem = stem_of(r["file"])
         sha = str(r.get("model_sha256") or "")
         cells = [
             f'<td class="run"><a href="{escape(sub)}.html#{escape(stem)}">{escape(stem)}</a></td>',
@@ -267,11 +260,11 @@ def write_group_report(out_dir, rows: list[dict], groups: dict, figures: list[Pa
     if not flagged:
         body.append('<p class="ok">None: no run has a warning.</p>')
     for r, warns in flagged:
-        sub, stem = r["file"].split("/")[0], _stem(r["file"])
+        sub, stem = r["file"].split("/")[0], stem_of(r["file"])
         body.append(f'<div class="warn"><a href="{escape(sub)}.html#{escape(stem)}">{escape(stem)}</a>: '
                     + " ".join(escape(w) for w in warns) + "</div>")
     body += ['<h2 id="runs">Runs</h2>', _run_table(rows, warnings)]
-    named = [(m, [_stem(r["file"])]) for r, m in zip(rows, metas) if m]
+    named = [(m, [stem_of(r["file"])]) for r, m in zip(rows, metas) if m]
     body += _methods([m for m, _ in named], [n for _, n in named])
     path = out_dir / "group.html"
     atomic_write_text(path, _page("bidsharmony: group report", body), root=out_dir)

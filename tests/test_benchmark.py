@@ -184,3 +184,23 @@ def test_report_scores_the_3d_method_beside_the_2d_one_on_its_own_cases(tmp_path
     assert "bidsharmony --method bhdiff (3D) 10.0 s" in main_part  # its CLI wall time per volume: 20 s over 2 volumes
     assert "bidsharmony reused from an earlier run" in main_part  # a resumed run's wall time is not reported as the method's
     assert json.loads((tmp_path / "quality.json").read_text())["bhdiff_model"] == bh
+
+
+def test_biology_section_reports_each_methods_change_of_the_gm_fraction_age_correlation():
+    """Known answers: a method whose GM fractions are the truth's keeps r exactly (Δr 0); one that
+    reverses their order with age loses it and is marked; scores.gm_fraction counts label 2."""
+    from bidsharmony.benchmark.report import biology_section
+    from bidsharmony.benchmark.scores import correlation, gm_fraction
+
+    assert gm_fraction(np.array([0, 1, 2, 2, 3])) == 0.5
+    assert np.isnan(correlation([1, 2], [3, 4])) and correlation([1, 2, 3], [2, 4, 6]) == pytest.approx(1.0)
+    ages = {"sub-1": 20.0, "sub-2": 40.0, "sub-3": 60.0, "sub-4": 80.0}
+    truth = {"sub-1": 0.50, "sub-2": 0.47, "sub-3": 0.45, "sub-4": 0.41}  # GM falls with age
+    biology = {s: {"age": a, "gm_fraction_truth": truth[s]} for s, a in ages.items()}
+    rows = [{"method": "keeps", "scanner": "bias", "subject": s, "gm_fraction": truth[s]} for s in ages]
+    rows += [{"method": "breaks", "scanner": "bias", "subject": s, "gm_fraction": 0.9 - truth[s]} for s in ages]
+    lines = biology_section(rows, ["keeps", "breaks"], biology, {})
+    row = next(line for line in lines if line.startswith("| bias"))
+    keeps, breaks = (c.strip() for c in row.strip("|").split("|")[1:])
+    assert keeps == "+0.000"
+    assert breaks.endswith("✗") and float(breaks.split()[0]) > 1.5  # r flipped from about −0.99 to +0.99

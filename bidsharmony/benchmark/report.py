@@ -78,7 +78,36 @@ def scanner_table(rows, methods, key, labels) -> str:
     return "\n".join(lines)
 
 
-def write_report(args, rows, unseen, examples, *, model, target_gm_wm, bhdiff_model=None, walls, seconds_total, train, test) -> None:
+BIOLOGY_TOLERANCE = 0.05  # the issue's bound on |Δr|
+
+
+def biology_section(rows, methods, biology: dict, labels) -> list[str]:
+    """Per scanner and method: Pearson r of the grey-matter fraction (k-means) with age over the
+    TEST subjects, minus the truth's r. Harmonization that keeps biology leaves r where it was."""
+    from bidsharmony.benchmark.scores import correlation
+
+    subjects = [s for s, b in biology.items() if b.get("age") is not None]
+    truth_r = correlation([biology[s]["gm_fraction_truth"] for s in subjects], [biology[s]["age"] for s in subjects])
+    scanners = list(dict.fromkeys(r["scanner"] for r in rows))
+    by = {(r["method"], r["scanner"], r["subject"]): r.get("gm_fraction") for r in rows}
+    lines = ["## Biology kept: grey-matter fraction vs age", "",
+             (f"Pearson r of the k-means grey-matter fraction of the brain with age over the {len(subjects)} TEST subject(s) with an "
+              f"age; the truth's r = {_fmt(truth_r)}. Cells: the output's r − the truth's (|Δr| ≤ {BIOLOGY_TOLERANCE} keeps the "
+              "biology; with few subjects r itself is noisy, the difference less so)."), "",
+             "| scanner | " + " | ".join(labels.get(m, m) for m in methods) + " |", "|---" * (len(methods) + 1) + "|"]
+    for name in scanners:
+        cells = []
+        for m in methods:
+            pairs = [(by.get((m, name, s)), biology[s]["age"]) for s in subjects if by.get((m, name, s)) is not None]
+            r = correlation([g for g, _ in pairs], [a for _, a in pairs]) if len(pairs) == len(subjects) else float("nan")
+            d = r - truth_r
+            cells.append("–" if not np.isfinite(d) else f"{d:+.3f}" + ("" if abs(d) <= BIOLOGY_TOLERANCE else " ✗"))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
+def write_report(args, rows, unseen, examples, *, model, target_gm_wm, bhdiff_model=None, walls, seconds_total, train, test,
+                 biology=None) -> None:
     peers = [p.name for p in make_peers()]
     labels = {METHOD: "**bidsharmony**", BHDIFF: "bidsharmony --method bhdiff (3D)",
               **{k: f"bidsharmony, {v[0]}" for k, v in ABLATIONS.items()}}
@@ -103,7 +132,8 @@ def write_report(args, rows, unseen, examples, *, model, target_gm_wm, bhdiff_mo
             "benchmark_seconds": round(seconds_total, 1), "target_gm_wm_ratio": target_gm_wm}
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / args.name
-    Path(f"{stem}.json").write_text(json.dumps({**meta, "rows": rows, "unseen": unseen}, indent=1, default=float) + "\n")
+    Path(f"{stem}.json").write_text(json.dumps({**meta, "rows": rows, "unseen": unseen, "biology": biology or {}}, indent=1,
+                                               default=float) + "\n")
 
     m = meta["machine"]
     md = [
@@ -128,6 +158,8 @@ def write_report(args, rows, unseen, examples, *, model, target_gm_wm, bhdiff_mo
     ]
     for key in ("psnr_vol", "ssim_slice", "dice", "jump_ratio"):
         md += [f"## {HEADERS[key]} per scanner", "", scanner_table(main_rows, main_methods, key, labels), ""]
+    if biology:
+        md += biology_section(main_rows, main_methods, biology, labels)
     if abl_keys:
         md += ["## Ablations of the loop (same cases for every row)", "",
                f"{len(abl_cases)} case(s): " + ", ".join(sorted(f"{s}/{c}" for s, c in abl_cases)), "",

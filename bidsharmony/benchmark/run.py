@@ -99,6 +99,24 @@ def load_subject(data: Path, sub: str, tissue: bool = True) -> tuple[np.ndarray,
     return t1, labels > 0, scores.tissue_classes(t1, labels) if tissue else None
 
 
+def participant_ages(data: Path) -> dict[str, float]:
+    """{sub-X: age} from the dataset's participants.tsv (empty where it has no ages)."""
+    import csv
+
+    path = data / "participants.tsv"
+    if not path.is_file():
+        return {}
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    out = {}
+    for row in rows:
+        try:
+            out[row["participant_id"]] = float(row["age"])
+        except (KeyError, TypeError, ValueError):
+            continue
+    return out
+
+
 def case_seed(seed: int, *parts: str) -> int:
     return zlib.crc32("/".join([str(seed), *parts]).encode())
 
@@ -212,9 +230,11 @@ def main(argv=None) -> int:
     reference = np.concatenate([scores.brain_sample(v, m, n=5000, seed=i) for i, (v, m) in enumerate(train_data)])
     target_gm_wm = float(np.mean([scores.gm_wm_ratio(v, m) for v, m in train_data]))
 
-    rows, examples, models = [], {}, {}
+    rows, examples, models, biology = [], {}, {}, {}
+    ages = participant_ages(args.data)
     for sub in test:
         truth, mask, _ = load_subject(args.data, sub)
+        biology[sub] = {"age": ages.get(sub), "gm_fraction_truth": scores.gm_fraction(scores.segment(truth, mask))}
         for name in args.scanners:
             source = load_canonical(sim / sub / f"ses-{name}" / "anat" / f"{sub}_ses-{name}_T1w.nii.gz")
             results = {}
@@ -254,5 +274,5 @@ def main(argv=None) -> int:
 
     write_report(args, rows, unseen, examples, model=models.get(METHOD), bhdiff_model=models.get(BHDIFF), target_gm_wm=target_gm_wm,
                  walls={k: v[1] for k, v in outputs.items()}, seconds_total=time.time() - t_start,
-                 train=train, test=test)
+                 train=train, test=test, biology=biology)
     return 0

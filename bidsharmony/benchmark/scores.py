@@ -90,9 +90,26 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def tissue_dice(out: np.ndarray, truth: np.ndarray, mask: np.ndarray) -> dict:
+    """Dice of the k-means classes, and the output's grey-matter fraction of the brain (the
+    benchmark correlates it with age: harmonization must keep that biology)."""
     so, st = segment(out, mask), segment(truth, mask)
     per = {name: dice(so == i, st == i) for i, name in ((1, "csf"), (2, "gm"), (3, "wm"))}
-    return {"dice": float(np.mean(list(per.values()))), **{f"dice_{k}": v for k, v in per.items()}}
+    return {"dice": float(np.mean(list(per.values()))), **{f"dice_{k}": v for k, v in per.items()},
+            "gm_fraction": gm_fraction(so)}
+
+
+def gm_fraction(seg: np.ndarray) -> float:
+    """Grey matter's share of the brain in a ``segment`` labelling."""
+    brain = int((seg > 0).sum())
+    return float((seg == 2).sum() / brain) if brain else float("nan")
+
+
+def correlation(x, y) -> float:
+    """Pearson r; NaN below 3 pairs or without spread."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    if x.size < 3 or x.std() == 0 or y.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(x, y)[0, 1])
 
 
 def consistency_scores(out: np.ndarray, truth: np.ndarray, mask: np.ndarray) -> dict:

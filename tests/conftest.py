@@ -51,14 +51,15 @@ def tiny_model(example_bids, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def participant_run(example_bids, tiny_model, tmp_path_factory):
-    """Runs `bidsharmony BIDS OUT participant` once (in-process, MultiProc with 2 workers)."""
+    """Runs `bidsharmony BIDS OUT participant` once (in-process, MultiProc with 2 workers), with the
+    flow loop on (2 iterations; the default runs none), so that every stage is exercised."""
     from bidsharmony.cli.run import main
 
     before = tree_digest(example_bids)
     out = tmp_path_factory.mktemp("deriv") / "out"
     work = tmp_path_factory.mktemp("work-participant")
     code = main([str(example_bids), str(out), "participant", "--model", str(tiny_model), "--nprocs", "2",
-                 "--omp-nthreads", "1", "-w", str(work), "--device", "cpu"])  # fmt: skip
+                 "--omp-nthreads", "1", "-w", str(work), "--device", "cpu", "--iterations", "2"])  # fmt: skip
     return {"code": code, "out": out, "work": work, "bids": example_bids, "before": before}
 
 

@@ -156,7 +156,7 @@ def test_sidecars_record_provenance(participant_run, tiny_model):
         assert meta["Model"]["Sha256"] == config["weights_sha256"]
         assert meta["Model"]["Preset"] == "tiny"
         assert meta["Parameters"] == {
-            "iterations": 10, "alpha": 0.001, "beta_fidelity": 1000.0, "beta_gradient": 0.001, "similarity": "cosine",
+            "iterations": 2, "alpha": 0.001, "beta_fidelity": 1000.0, "beta_gradient": 0.001, "similarity": "cosine",
             "start": "source", "solver": "alternating", "latent_lr": 0.05, "batch_size": 8, "seed": 0,
             "standardise": "landmarks",  # auto, resolved: the model train wrote has landmarks
         }  # fmt: skip

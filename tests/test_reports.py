@@ -114,6 +114,10 @@ def test_warnings_name_what_to_check():
     same = {"Quality": {"SimilarityToInput": 0.9995, "HistogramDistanceBefore": 0.08, "HistogramDistanceAfter": 0.078}}
     (warning,) = run_warnings(same)
     assert "changed (almost) nothing" in warning and "0.9995" in warning and "0.08 → 0.078" in warning
+    # The default (standardised, no loop) asked for no change beyond the standardisation: no warning.
+    default = {**same, "IntensityScale": "standard", "Parameters": {"iterations": 0}}
+    assert run_warnings(default) == []
+    assert len(run_warnings({**default, "Parameters": {"iterations": 10}})) == 1  # a loop that did nothing is flagged
     # As similar, but well on the way to the target: a real change of contrast, no warning.
     assert run_warnings({"Quality": {**same["Quality"], "HistogramDistanceAfter": 0.03}}) == []
     # A weak model: validation bits/dim above the threshold, a smoke-test preset, or a card saying so.
@@ -159,6 +163,10 @@ def test_the_methods_paragraph_is_written_from_the_sidecar(participant_run):
     text = boilerplate.plain(bh)
     assert "BlindHarmonyDiff" in text and "2505.00133" in text and "15 midpoint steps" in text and "cubes of 64 voxels" in text
     assert "MRFlow" not in text
+    # The default runs no loop: the paragraph says so instead of describing one.
+    text = boilerplate.plain({**meta, "Parameters": {**p, "iterations": 0}})
+    assert "loop was not run (0 iterations, bidsharmony's default" in text and "the output is the standardised image" in text
+    assert "β_fidelity" not in text and "Nyúl" in text
     # Shown in each participant report and in the group report, as written from the sidecar.
     from html import escape
 

@@ -93,5 +93,7 @@ def test_the_demo_runs_offline_with_the_default_model(tmp_path):
         assert np.isfinite(b.get_fdata()).all()
         side = json.loads(out.with_name(out.name.replace(".nii.gz", ".json")).read_text())
         assert side["Model"]["Sha256"] == sha and side["Model"]["Name"] == DEFAULT_MODEL
-        assert side["Parameters"]["iterations"] == 10 and side["FallbackSlices"] == 0
+        # The default: the standardisation, no flow loop (docs/benchmarks/quality.md).
+        assert side["Parameters"]["iterations"] == 0 and side["Parameters"]["standardise"] == "landmarks"
+        assert side["IntensityScale"] == "standard" and side["FallbackSlices"] == 0
     assert (tmp_path / "out" / "group.tsv").is_file()

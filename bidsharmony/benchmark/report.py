@@ -161,7 +161,7 @@ def write_report(args, rows, unseen, examples, *, model, target_gm_wm, bhdiff_mo
     if biology:
         md += biology_section(main_rows, main_methods, biology, labels)
     if abl_keys:
-        md += ["## Ablations of the loop (same cases for every row)", "",
+        md += ["## Ablations: the stages and the loop's parameters (same cases for every row)", "",
                f"{len(abl_cases)} case(s): " + ", ".join(sorted(f"{s}/{c}" for s, c in abl_cases)), "",
                method_table(abl_rows, ["none", "histmatch", METHOD, *abl_keys], METRICS, labels), ""]
     if bh_cases:

@@ -24,7 +24,7 @@ PRESET_NAMES = ("paper", "fast", "tiny")  # mirrored from flow.model.PRESETS (te
 def add_arguments(harmonization, training) -> None:
     g = harmonization
     g.add_argument("--standardise", choices=("auto", "landmarks", "none"), default="auto", help="flow: map each volume onto the model's intensity landmarks before slicing, so the output is on the target's scale (auto: where the model has landmarks; none: the published method, output on the input's scale)")
-    g.add_argument("--iterations", type=non_negative_int, default=10, help="solver iterations (N)")
+    g.add_argument("--iterations", type=non_negative_int, default=0, help="iterations of the flow loop after the standardisation (the published method: 10; 0, the default, runs no loop: on the benchmark the loop lowers the volume PSNR by about 2 dB after the standardisation)")
     g.add_argument("--alpha", type=non_negative_float, default=1e-3, help="latent shrink per iteration (weight of |z|^2)")
     g.add_argument("--beta-fidelity", type=non_negative_float, default=1e3, help="weight of the similarity to the source")
     g.add_argument("--beta-gradient", type=non_negative_float, default=1e-3, help="weight of the masked edge term |M G x|_1")

@@ -107,6 +107,11 @@ def _v(versions: dict, name: str) -> str:
 
 
 def _flow_text(meta: dict, p: dict, model: dict) -> str:
+    if not p.get("iterations"):
+        return ("The flow prior's harmonization loop was not run (0 iterations, bidsharmony's default: on its benchmark the loop "
+                "lowered the accuracy of standardised images), so the output is the standardised image."
+                if meta.get("Standardisation") else
+                "The flow prior's harmonization loop was not run (0 iterations), so the image was not changed.")
     shape = model.get("SliceShape") or [144, 176]
     solver = (f"Adam on the latent code (step {_num(p.get('latent_lr'))}) with gradients through the inverse flow"
               if p.get("solver") == "latent" else

@@ -102,7 +102,8 @@ def run_warnings(meta: dict) -> list[str]:
     if isinstance(similarity, (int, float)) and similarity < LARGE_CHANGE_SIMILARITY:
         out.append(f"Large change: similarity to the input is {similarity:.3f}.")
     barely = not have_hist or abs(before - after) < max(UNCHANGED_HISTOGRAM * before, 0.002)
-    if isinstance(similarity, (int, float)) and similarity >= UNCHANGED_SIMILARITY and barely:
+    loop_off = meta.get("IntensityScale") == "standard" and (meta.get("Parameters") or {}).get("iterations") == 0
+    if isinstance(similarity, (int, float)) and similarity >= UNCHANGED_SIMILARITY and barely and not loop_off:
         moved = f"; the histogram distance to the target barely moved ({before:.3g} → {after:.3g})" if have_hist else ""
         what = ("Beyond the intensity standardisation (which these slice-wise figures do not see), the flow changed (almost) "
                 "nothing" if meta.get("IntensityScale") == "standard" else "Harmonization changed (almost) nothing")

@@ -206,7 +206,28 @@ def read_config(folder, fmt: str = FORMAT, version: int = FORMAT_VERSION) -> dic
         raise ModelError(f"{cfg_path}: not a bidsharmony {fmt.split('-')[-1]} config (format != {fmt!r})")
     if cfg.get("format_version", 0) > version:
         raise ModelError(f"{cfg_path}: format version {cfg['format_version']} is newer than this bidsharmony reads")
+    if fmt == FORMAT:
+        check_preprocessing(cfg, cfg_path)
     return cfg
+
+
+# What harmonization does to a volume before the flow sees it (methods/blindharmony.py writes these
+# into each model's config.json): a model trained on other inputs would be fed what it never saw.
+PREPROCESSING = {"orientation": "RAS", "normalisation": "per-slice min-max to [0, 1] inside the grid", "quantisation_bits": 12}
+
+
+def check_preprocessing(cfg: dict, path) -> None:
+    """Refuse a 2D model whose recorded preprocessing differs from what inference does (a field the
+    config leaves out is not checked: hand-made and older folders)."""
+    prep = cfg.get("preprocessing") or {}
+    if not isinstance(prep, dict):
+        raise ModelError(f"{path}: preprocessing is {type(prep).__name__}, not an object")
+    for key, want in PREPROCESSING.items():
+        if key in prep and prep[key] != want:
+            raise ModelError(f"{path}: the model was trained with {key} {prep[key]!r}; bidsharmony harmonizes with {want!r}")
+    arch = (cfg.get("architecture") or {}).get("slice_shape")
+    if "slice_shape" in prep and arch is not None and list(prep["slice_shape"]) != list(arch):
+        raise ModelError(f"{path}: preprocessing.slice_shape {prep['slice_shape']} differs from the architecture's {arch}")
 
 
 def read_weights(folder, cfg: dict, verify_hash: bool = True) -> dict:

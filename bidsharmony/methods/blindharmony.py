@@ -88,7 +88,7 @@ def train(opts, runs, *, device: str, steps: int, batch: int, run_workflow) -> N
     histogram and intensity landmarks, into a folder built aside and swapped in when finished."""
     from bidsharmony import __version__
     from bidsharmony.errors import BidsHarmonyError
-    from bidsharmony.flow.checkpoint import new_stage, publish_training
+    from bidsharmony.flow.checkpoint import PREPROCESSING, new_stage, publish_training
     from bidsharmony.flow.model import PRESETS
     from bidsharmony.image.slices import POSITION_BINS
     from bidsharmony.image.standardise import LANDMARKS, model_entry
@@ -116,11 +116,9 @@ def train(opts, runs, *, device: str, steps: int, batch: int, run_workflow) -> N
         "software_version": __version__,
         "preprocessing": {
             "voxel_size": 1.2,
-            "orientation": "RAS",
             "slice_axis": "axial (inferior-superior)",
             "slice_shape": list(grid),
-            "normalisation": "per-slice min-max to [0, 1] inside the grid",
-            "quantisation_bits": 12,
+            **PREPROCESSING,
             "position_bins": POSITION_BINS,
         },
         "training_data": {

@@ -313,3 +313,22 @@ def test_a_link_to_a_model_folder_stays_a_link_to_the_new_model(saved, tmp_path)
     save_model(link, _other_weights(flow), {"name": "through the link"})
     assert link.is_symlink() and load_model(folder).name == "through the link"
     assert _hidden_leftovers(folder) == [] and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+@pytest.mark.parametrize("key, value", [("normalisation", "z-score per volume"), ("orientation", "LPS"), ("quantisation_bits", 8),
+                                        ("slice_shape", [160, 192])])
+def test_a_model_trained_on_other_preprocessing_is_refused(saved, key, value):
+    """The config's recorded preprocessing is what inference does, or loading says which field differs."""
+    from bidsharmony.flow.checkpoint import PREPROCESSING
+    from bidsharmony.flow.scaling import BITS
+
+    assert PREPROCESSING["quantisation_bits"] == BITS  # the recorded value is the one the flow's scaling uses
+    _, folder = saved
+    cfg = json.loads((folder / CONFIG).read_text())
+    cfg["preprocessing"] = {**PREPROCESSING, "slice_shape": list(cfg["architecture"]["slice_shape"])}
+    (folder / CONFIG).write_text(json.dumps(cfg))
+    load_model(folder)  # as train writes it: accepted
+    cfg["preprocessing"][key] = value
+    (folder / CONFIG).write_text(json.dumps(cfg))
+    with pytest.raises(ModelError, match=key):
+        load_model(folder)

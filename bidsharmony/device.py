@@ -28,3 +28,12 @@ def resolve_device(name: str = "auto") -> str:
             raise BidsHarmonyError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) present")
         return f"cuda:{index}"
     raise BidsHarmonyError(f"--device {name}: expected auto, cpu, cuda or cuda:N")
+
+
+def device_label(device: str) -> str:
+    """The device as a sidecar records it: ``cpu``, or ``cuda:0 (NVIDIA H100 …)``."""
+    if not device.startswith("cuda"):
+        return device
+    import torch
+
+    return f"{device} ({torch.cuda.get_device_name(device)})"

@@ -14,6 +14,7 @@ import numpy as np
 from bidsharmony.bids import stem_of
 from bidsharmony.errors import NoFilesError
 from bidsharmony.outputs import atomic_save, atomic_write_text
+from bidsharmony.provenance import Provenance
 from bidsharmony.reports.sidecar import SUMMARY_METRICS, read_sidecar
 
 COLUMNS = ("file", "scanner", "manufacturer", "model_name", "field_strength", "site", "model", "model_sha256", "device",
@@ -49,7 +50,8 @@ def collect_rows(out_dir, skipped: list | None = None, metas: list | None = None
             continue
         if metas is not None:
             metas.append(meta)
-        model, quality, scanner = meta.get("Model") or {}, meta.get("Quality") or {}, meta.get("SourceScanner") or {}
+        prov = Provenance.from_sidecar(meta)
+        model, quality, scanner = prov.model or {}, prov.quality or {}, prov.source_scanner or {}
         rows.append({
             "file": sidecar.relative_to(out_dir).as_posix().replace(".json", ".nii.gz"),
             "scanner": scanner_label(scanner),
@@ -59,10 +61,10 @@ def collect_rows(out_dir, skipped: list | None = None, metas: list | None = None
             "site": scanner.get("InstitutionName") or scanner.get("StationName"),
             "model": model.get("Name"),
             "model_sha256": model.get("Sha256"),
-            "device": meta.get("Device"),
-            "slices_harmonized": meta.get("SlicesHarmonized"),
-            "fallback_slices": meta.get("FallbackSlices"),
-            "seconds": meta.get("HarmonizationSeconds"),
+            "device": prov.device,
+            "slices_harmonized": prov.slices_harmonized,
+            "fallback_slices": prov.fallback_slices,
+            "seconds": prov.harmonization_seconds,
             "similarity_to_input": quality.get("SimilarityToInput"),
             "histogram_distance_before": quality.get("HistogramDistanceBefore"),
             "histogram_distance_after": quality.get("HistogramDistanceAfter"),

@@ -232,7 +232,8 @@ def test_a_figure_that_cannot_be_drawn_does_not_hold_back_the_derivative(partici
     shutil.copy(participant_run["out"] / "dataset_description.json", out)
     (out / "sub-01" / "figures").write_text("a file where the figures folder goes\n")
     code = main([str(participant_run["bids"]), str(out), "participant", "--participant-label", "01", "--model", str(tiny_model),
-                 "--nprocs", "1", "-w", str(participant_run["work"]), "--device", "cpu", "--skip-bids-validation"])  # fmt: skip
+                 "--nprocs", "1", "-w", str(participant_run["work"]), "--device", "cpu", "--skip-bids-validation",
+                 "--iterations", "2"])  # as participant_run  # fmt: skip
     err = capsys.readouterr().err
     assert code == 0, err
     sidecars = _sidecars(out)

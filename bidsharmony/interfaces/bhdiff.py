@@ -35,9 +35,10 @@ class BHDiffHarmonize(SimpleInterface):
 
         from bidsharmony.bhdiff.train import load_bhdiff_model
         from bidsharmony.bhdiff.volume import BHDiffParams, harmonize_volume_bhdiff
-        from bidsharmony.device import resolve_device
+        from bidsharmony.device import device_label, resolve_device
         from bidsharmony.image.slices import cut
         from bidsharmony.metrics import harmonization_quality
+        from bidsharmony.provenance import Provenance
 
         torch.set_num_threads(max(1, self.inputs.num_threads))
         device = resolve_device(self.inputs.device)
@@ -63,17 +64,17 @@ class BHDiffHarmonize(SimpleInterface):
         self._results["histograms"] = os.path.join(runtime.cwd, "histograms.json")
         with open(self._results["histograms"], "w") as f:
             json.dump(hist, f)
-        self._results["info"] = {
-            "Method": "bhdiff (3D rectified flow, BlindHarmonyDiff)",
-            "Model": {"Name": config.get("name"), "Sha256": config["weights_sha256"], "Preset": config.get("preset"), "VoxelSize": 1.2},
-            "Parameters": params.to_dict(),
-            "Device": device if not device.startswith("cuda") else f"{device} ({torch.cuda.get_device_name(device)})",
-            "TorchVersion": torch.__version__,
-            "SlicesHarmonized": int(idx.sum()),
-            "SlicesTotal": len(idx),
-            "FallbackSlices": 0,
-            "HarmonizationSeconds": round(seconds, 3),
-            "Quality": quality,
-            "ConvergenceTrace": trace,
-        }
+        self._results["info"] = Provenance(
+            method="bhdiff (3D rectified flow, BlindHarmonyDiff)",
+            model={"Name": config.get("name"), "Sha256": config["weights_sha256"], "Preset": config.get("preset"), "VoxelSize": 1.2},
+            parameters=params.to_dict(),
+            device=device_label(device),
+            torch_version=torch.__version__,
+            slices_harmonized=int(idx.sum()),  # the slices with head, as the 2D method counts them
+            slices_total=len(idx),
+            harmonization_seconds=round(seconds, 3),
+            quality=quality,
+            intensity_scale="input",
+            convergence_trace=trace,
+        ).to_sidecar()
         return runtime

@@ -35,11 +35,12 @@ class Harmonize(SimpleInterface):
         import numpy as np
         import torch
 
-        from bidsharmony.device import resolve_device
+        from bidsharmony.device import device_label, resolve_device
         from bidsharmony.flow.checkpoint import load_model
         from bidsharmony.harmonize.solvers import HarmonizeParams, Trace
         from bidsharmony.harmonize.volume import check_grid, harmonize_volume
         from bidsharmony.image.slices import SliceRecord
+        from bidsharmony.provenance import Provenance
 
         torch.set_num_threads(max(1, self.inputs.num_threads))
         device = resolve_device(self.inputs.device)
@@ -73,29 +74,31 @@ class Harmonize(SimpleInterface):
         self._results["histograms"] = os.path.join(runtime.cwd, "histograms.json")
         with open(self._results["histograms"], "w") as f:
             json.dump(hist, f)
-        self._results["info"] = {
-            "Method": "flow (2D normalizing-flow prior, BlindHarmony)",
-            "Model": {
+        standardisation = None
+        if isdefined(self.inputs.standardisation):
+            with open(self.inputs.standardisation) as f:
+                standardisation = json.load(f)
+        self._results["info"] = Provenance(
+            method="flow (2D normalizing-flow prior, BlindHarmony)",
+            model={
                 "Name": model.name,
                 "Sha256": model.sha256,
                 "Preset": model.config.get("preset"),
                 "SliceShape": list(model.flow.cfg.slice_shape),
                 "VoxelSize": model.config.get("preprocessing", {}).get("voxel_size"),
             },
-            "Parameters": params.to_dict(),
-            "Device": device if not device.startswith("cuda") else f"{device} ({torch.cuda.get_device_name(device)})",
-            "TorchVersion": torch.__version__,
-            "SlicesHarmonized": int(record.harmonize.sum()),
-            "SlicesTotal": len(record.harmonize),
-            "FallbackSlices": int(sum(trace.fallbacks)),
-            "HarmonizationSeconds": round(seconds, 3),
-            "Quality": quality,
+            parameters=params.to_dict(),
+            device=device_label(device),
+            torch_version=torch.__version__,
+            slices_harmonized=int(record.harmonize.sum()),
+            slices_total=len(record.harmonize),
+            fallback_slices=int(sum(trace.fallbacks)),
+            harmonization_seconds=round(seconds, 3),
+            quality=quality,
             # Which intensity scale the output is on: two scanners' outputs compare voxel for voxel only on the standard one.
-            "IntensityScale": "standard" if isdefined(self.inputs.standardisation) else "input",
+            intensity_scale="standard" if standardisation is not None else "input",
+            standardisation=standardisation,
             # Per-iteration means over slices: similarity to the source, masked edge term, |z|.
-            "ConvergenceTrace": {k: [round(v, 6) for v in vals] for k, vals in trace.to_dict().items()},
-        }
-        if isdefined(self.inputs.standardisation):
-            with open(self.inputs.standardisation) as f:
-                self._results["info"]["Standardisation"] = json.load(f)
+            convergence_trace={k: [round(v, 6) for v in vals] for k, vals in trace.to_dict().items()},
+        ).to_sidecar()
         return runtime

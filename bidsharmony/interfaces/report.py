@@ -62,17 +62,17 @@ class RunQuality(SimpleInterface):
     def _run_interface(self, runtime):
         from bidsharmony.image.slices import head_mask
         from bidsharmony.metrics import slice_step_ratio
+        from bidsharmony.provenance import Provenance
 
         before, after, _ = load_pair(self.inputs.source, self.inputs.harmonized)
-        info = dict(self.inputs.info)
-        quality = dict(info.get("Quality", {}))
-        quality["SliceStepRatio"] = round(slice_step_ratio(after, before, head_mask(before)), 4)
-        info["Quality"] = quality
+        prov = Provenance.from_sidecar(self.inputs.info)
+        prov.quality = {**prov.quality, "SliceStepRatio": round(slice_step_ratio(after, before, head_mask(before)), 4)}
         if self.inputs.scanner:
-            info["SourceScanner"] = dict(self.inputs.scanner)
+            prov.source_scanner = dict(self.inputs.scanner)
         if self.inputs.model_facts:
-            info["Model"] = {**(info.get("Model") or {}), **self.inputs.model_facts}
-        info["SoftwareDependencies"] = dependency_versions()
+            prov.model = {**prov.model, **self.inputs.model_facts}
+        prov.software_dependencies = dependency_versions()
+        info = prov.to_sidecar()
         self._results["info"] = info
         return runtime
 

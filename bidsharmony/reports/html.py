@@ -15,6 +15,7 @@ from pathlib import Path
 from bidsharmony import __version__
 from bidsharmony.bids import stem_of
 from bidsharmony.outputs import atomic_write_text
+from bidsharmony.provenance import Provenance
 
 LOG = logging.getLogger("bidsharmony")
 
@@ -84,11 +85,11 @@ SMOKE_PRESETS = ("tiny",)
 
 def run_warnings(meta: dict) -> list[str]:
     """Things a user should look at, from one run's sidecar."""
-    q = meta.get("Quality") or {}
-    model = meta.get("Model") or {}
+    prov = Provenance.from_sidecar(meta)
+    q, model = prov.quality or {}, prov.model or {}
     out = []
-    if meta.get("FallbackSlices"):
-        out.append(f"{meta['FallbackSlices']} slice(s) fell back to the image step (the flow gave NaN or absurd values there).")
+    if prov.fallback_slices:
+        out.append(f"{prov.fallback_slices} slice(s) fell back to the image step (the flow gave NaN or absurd values there).")
     ratio = q.get("SliceStepRatio")
     if isinstance(ratio, (int, float)) and ratio > STEP_RATIO_WARN:
         out.append(f"Slice-to-slice intensity steps are {ratio:.1f}× the input's: check the sagittal and coronal views "
@@ -102,11 +103,11 @@ def run_warnings(meta: dict) -> list[str]:
     if isinstance(similarity, (int, float)) and similarity < LARGE_CHANGE_SIMILARITY:
         out.append(f"Large change: similarity to the input is {similarity:.3f}.")
     barely = not have_hist or abs(before - after) < max(UNCHANGED_HISTOGRAM * before, 0.002)
-    loop_off = meta.get("IntensityScale") == "standard" and (meta.get("Parameters") or {}).get("iterations") == 0
+    loop_off = prov.intensity_scale == "standard" and (prov.parameters or {}).get("iterations") == 0
     if isinstance(similarity, (int, float)) and similarity >= UNCHANGED_SIMILARITY and barely and not loop_off:
         moved = f"; the histogram distance to the target barely moved ({before:.3g} → {after:.3g})" if have_hist else ""
         what = ("Beyond the intensity standardisation (which these slice-wise figures do not see), the flow changed (almost) "
-                "nothing" if meta.get("IntensityScale") == "standard" else "Harmonization changed (almost) nothing")
+                "nothing" if prov.intensity_scale == "standard" else "Harmonization changed (almost) nothing")
         out.append(f"{what}: similarity to the input {similarity:.4f}{moved}. Check that the "
                    "model's target domain suits this image and the parameters (--iterations, --beta-fidelity).")
     reasons = []
@@ -130,25 +131,25 @@ def _run_section(out_dir: Path, sidecar: Path, meta: dict) -> list[str]:
     image = sidecar.with_name(sidecar.name.replace(".json", ".nii.gz"))
     stem = stem_of(image.name)
     sub = stem.split("_")[0]
-    model = meta.get("Model") or {}
-    q = meta.get("Quality") or {}
+    prov = Provenance.from_sidecar(meta)
+    model, q = prov.model or {}, prov.quality or {}
     facts = [
         ("output", image.relative_to(out_dir).as_posix()),
         ("source", ", ".join(meta.get("Sources", []))),
-        ("source scanner", meta.get("SourceScanner") or "not in the input's sidecar"),
+        ("source scanner", prov.source_scanner or "not in the input's sidecar"),
         ("model", f"{model.get('Name')} ({model.get('Preset')}), sha256 {model.get('Sha256')}"),
         ("model's validation bits/dim", model.get("ValidationBitsPerDim", "not recorded")),
-        ("device", meta.get("Device")),
-        ("harmonization time (s)", meta.get("HarmonizationSeconds")),
-        ("slices harmonized / total", f"{meta.get('SlicesHarmonized')} / {meta.get('SlicesTotal')}"),
-        ("fallback slices", meta.get("FallbackSlices")),
+        ("device", prov.device),
+        ("harmonization time (s)", prov.harmonization_seconds),
+        ("slices harmonized / total", f"{prov.slices_harmonized} / {prov.slices_total}"),
+        *([("fallback slices", prov.fallback_slices)] if prov.fallback_slices is not None else []),
         ("similarity to the input", q.get("SimilarityToInput")),
         ("histogram distance to the target, before → after",
          f"{_fmt(q.get('HistogramDistanceBefore'))} → {_fmt(q.get('HistogramDistanceAfter'))}"),
         ("slice-to-slice steps (× the input's)", q.get("SliceStepRatio")),
-        ("software", f"bidsharmony {meta.get('SoftwareVersion')}, torch {meta.get('TorchVersion')}"),
+        ("software", f"bidsharmony {meta.get('SoftwareVersion')}, torch {prov.torch_version}"),
     ]
-    params = sorted((meta.get("Parameters") or {}).items())
+    params = sorted((prov.parameters or {}).items())
     warnings = run_warnings(meta)
     body = [f'<h2 id="{escape(stem)}">{escape(stem)}</h2>', _table(facts), "<h3>Warnings</h3>"]
     body += [f'<div class="warn">{escape(w)}</div>' for w in warnings] or ['<p class="ok">None.</p>']

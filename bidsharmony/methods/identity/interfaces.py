@@ -31,6 +31,7 @@ class IdentityHarmonize(SimpleInterface):
 
         from bidsharmony.image.slices import cut
         from bidsharmony.metrics import harmonization_quality
+        from bidsharmony.provenance import Provenance
 
         vol = np.asanyarray(nb.load(self.inputs.in_file).dataobj, dtype=np.float32)
         slices, record = cut(vol)
@@ -42,14 +43,8 @@ class IdentityHarmonize(SimpleInterface):
                 json.dump(value, f)
         self._results.update(paths)
         self._results["out_file"] = self.inputs.in_file
-        self._results["info"] = {
-            "Method": "identity (no harmonization)",
-            "Model": {"Name": "none"},
-            "Parameters": {},
-            "SlicesHarmonized": 0,
-            "SlicesTotal": len(idx),
-            "FallbackSlices": 0,
-            "HarmonizationSeconds": 0.0,
-            "Quality": quality,
-        }
+        self._results["info"] = Provenance(
+            method="identity (no harmonization)", model={"Name": "none"}, slices_harmonized=0, slices_total=len(idx),
+            harmonization_seconds=0.0, quality=quality, intensity_scale="input",
+        ).to_sidecar()
         return runtime

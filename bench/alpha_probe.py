@@ -25,6 +25,7 @@ from bidsharmony.image.resample import canonical, resample_isotropic
 from bidsharmony.image.slices import cut
 from bidsharmony.models import default_model
 
+LOOP_ITERATIONS = 10  # the published loop (the CLI's default runs none)
 CONFIGS = {"α 1e-3 (default)": {}, "α 0.01": {"alpha": 0.01}, "α 0.02": {"alpha": 0.02}, "α 0.03": {"alpha": 0.03},
            "mean start": {"start": "mean"}, "mean start, α 0": {"start": "mean", "alpha": 0.0}}
 
@@ -62,7 +63,7 @@ def main() -> None:
         truth, _ = cut(tvol, offset=r2.offset)  # the truth on the source's grid: the same anatomy per slice
         row = [psnr(src[idx], truth[idx])]
         for cfg in CONFIGS.values():
-            params = HarmonizeParams(**cfg).validate()
+            params = HarmonizeParams(**{"iterations": LOOP_ITERATIONS, **cfg}).validate()
             start = model.extras["start_images"][torch.as_tensor(r2.position_bin[idx])] if params.start == "mean" else None
             out = harmonize_slices(model.flow, torch.from_numpy(src[idx]), params, start=start).numpy()
             row.append(psnr(out, truth[idx]))

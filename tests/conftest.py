@@ -11,6 +11,9 @@ from pathlib import Path
 import pytest
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# The harmonization options of participant_run: the flow loop on (the default runs none), short.
+# A test that reruns that run, or compares with its outputs, passes the same.
+RUN_OPTIONS = ("--iterations", "2")
 
 
 def tree_digest(root: Path) -> dict:
@@ -59,7 +62,7 @@ def participant_run(example_bids, tiny_model, tmp_path_factory):
     out = tmp_path_factory.mktemp("deriv") / "out"
     work = tmp_path_factory.mktemp("work-participant")
     code = main([str(example_bids), str(out), "participant", "--model", str(tiny_model), "--nprocs", "2",
-                 "--omp-nthreads", "1", "-w", str(work), "--device", "cpu", "--iterations", "2"])  # fmt: skip
+                 "--omp-nthreads", "1", "-w", str(work), "--device", "cpu", *RUN_OPTIONS])  # fmt: skip
     return {"code": code, "out": out, "work": work, "bids": example_bids, "before": before}
 
 

@@ -21,7 +21,7 @@ from bidsharmony.errors import (
     EXIT_USAGE,
 )
 
-from .conftest import tree_digest
+from .conftest import RUN_OPTIONS, tree_digest
 
 
 def _run(capsys, *args):
@@ -205,7 +205,7 @@ def test_rerun_reuses_finished_nodes(capsys, participant_run, tiny_model):
     result = next(top.rglob("harmonize/result_harmonize.pklz"))
     before = result.stat().st_mtime_ns
     code = main([str(participant_run["bids"]), str(participant_run["out"]), "participant", "--model", str(tiny_model),
-                 "--nprocs", "1", "-w", str(participant_run["work"]), "--device", "cpu", "--iterations", "2"])  # as participant_run  # fmt: skip
+                 "--nprocs", "1", "-w", str(participant_run["work"]), "--device", "cpu", *RUN_OPTIONS])  # fmt: skip
     assert code == 0
     assert result.stat().st_mtime_ns == before
     n = len(list(Path(participant_run["out"]).rglob("*_desc-harmonized_T1w.nii.gz")))

@@ -24,7 +24,7 @@ from bidsharmony.cli.run import main
 from bidsharmony.errors import EXIT_BIDS_INVALID, EXIT_CANT_CREATE, EXIT_NO_FILES, EXIT_NO_INPUT, EXIT_USAGE, ImageError
 from bidsharmony.image.io import load_t1w
 
-from .conftest import tree_digest
+from .conftest import RUN_OPTIONS, tree_digest
 
 
 def _run(capsys, *args):
@@ -208,7 +208,7 @@ def test_stale_partial_files_of_dead_writers_are_removed(tmp_path):
 
 def _cli(bids, out, work, model, *extra):
     return [sys.executable, "-m", "bidsharmony", str(bids), str(out), "participant", "--model", str(model),
-            "--nprocs", "1", "--omp-nthreads", "1", "-w", str(work), "--device", "cpu", *extra]
+            "--nprocs", "1", "--omp-nthreads", "1", "-w", str(work), "--device", "cpu", *RUN_OPTIONS, *extra]
 
 
 @pytest.mark.slow

@@ -45,7 +45,7 @@ def check_training_folder(folder: Path, overwrite: bool) -> None:
     """Before ``train`` writes anything: never into the installed package (its bundled models are
     not the user's to replace, whatever the flag), and into a folder that holds a model only with
     ``--overwrite``."""
-    from bidsharmony.flow.checkpoint import CONFIG, WEIGHTS
+    from bidsharmony.modelfolder import CONFIG, WEIGHTS
 
     real, package = Path(folder).resolve(), Path(__file__).resolve().parent
     if real == package or package in real.parents or real in package.parents:

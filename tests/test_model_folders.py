@@ -75,7 +75,7 @@ def test_train_with_overwrite_replaces_the_model_as_a_whole_and_keeps_the_rest(c
 @pytest.mark.parametrize("method", ["flow", "bhdiff"])
 def test_a_model_config_that_does_not_fit_its_weights_is_one_line_before_anything_is_built(capsys, example_bids, model_folder, tmp_path, method):
     if method == "bhdiff":
-        from bidsharmony.bhdiff.train import save_bhdiff_model
+        from bidsharmony.bhdiff.checkpoint import save_bhdiff_model
         from bidsharmony.bhdiff.unet import build_unet
 
         shutil.rmtree(model_folder)

@@ -153,34 +153,3 @@ def train_bhdiff(volumes: list[tuple[np.ndarray, np.ndarray]], cfg: BHDiffTrainC
             noise = torch.Generator(device=device).manual_seed(cfg.seed + 1 + step)  # resumable noise stream
             _save_state(state_dir, model, ema, opt, gen, step, losses, cfg, data)
     return {"steps": step, "losses": losses, "model": model, "ema": ema.module, "seconds": time.perf_counter() - t0}
-
-
-FORMAT = "bidsharmony-bhdiff"
-
-
-def save_bhdiff_model(folder, unet, meta: dict) -> Path:
-    """model.safetensors + config.json, written as every model folder is (``flow.checkpoint``)."""
-    from bidsharmony.flow.checkpoint import write_folder
-
-    tensors = {f"unet.{k}": v.detach().cpu().contiguous() for k, v in unet.state_dict().items()}
-    return write_folder(folder, tensors, {**meta, "format": FORMAT, "format_version": 1, "architecture": unet.cfg.to_dict()})
-
-
-def load_bhdiff_model(folder, device="cpu"):
-    """(unet, config) from a bhdiff model folder; the weights' hash is checked, nothing unpickled."""
-    from bidsharmony.bhdiff.unet import UNetConfig, VelocityUNet, state_shapes
-    from bidsharmony.errors import ModelError
-    from bidsharmony.flow.checkpoint import CONFIG, check_shapes, read_folder
-
-    cfg, tensors = read_folder(folder, fmt=FORMAT, version=1)
-    try:
-        arch = UNetConfig(**{**cfg["architecture"], "mults": tuple(cfg["architecture"]["mults"])})
-    except (KeyError, TypeError, ValueError) as e:
-        raise ModelError(f"{Path(folder) / CONFIG}: invalid architecture ({e})") from None
-    check_shapes(tensors, "unet.", state_shapes(arch), folder)
-    try:
-        unet = VelocityUNet(arch)
-        unet.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("unet.")}, strict=True)
-    except (KeyError, TypeError, ValueError, AssertionError, RuntimeError) as e:
-        raise ModelError(f"{Path(folder) / CONFIG}: weights do not fit its architecture ({str(e)[:200]})") from None
-    return unet.to(device).eval(), cfg

@@ -1,41 +1,39 @@
-"""The model folder: ``model.safetensors`` + ``config.json`` (+ ``MODEL_CARD.md``).
-
-The one definition of the format. Weights are read with safetensors only (no pickle, ever);
-``config.json`` records the architecture, the preprocessing the model expects, training facts and
-the sha256 of the weights, which loading checks, so a truncated or swapped file is caught by name.
-Tensors that the harmonization loop needs from training data (the mean target slice per slice
-position, the target intensity histogram) live in the same safetensors file under ``extra.``.
+"""The 2D flow's model folders: saving and loading a ``SliceFlow`` with its extras (the mean target
+slice per position, the target histogram, the intensity landmarks) through the one model-folder
+format (``bidsharmony.modelfolder``), and the preprocessing such a model must have been trained on.
 """
 
 from __future__ import annotations
 
-import hashlib
-import itertools
-import json
-import os
-import shutil
-import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bidsharmony import __version__, publication
+from bidsharmony import modelfolder
 from bidsharmony.errors import ModelError
+
+# The generic folder functions, for the code and tests that reach them through this module.
+from bidsharmony.modelfolder import (  # noqa: F401
+    CARD,
+    CONFIG,
+    DESCRIBED,
+    GENERATED,
+    MAX_CONFIG_BYTES,
+    WEIGHTS,
+    card_text,
+    check_shapes,
+    new_stage,
+    publish,
+    publish_training,
+    read_config_file,
+    read_weights,
+    recover_stale,
+    sha256_file,
+    write_folder,
+    write_safetensors,
+)
 
 FORMAT = "bidsharmony-flow"
 FORMAT_VERSION = 1
-WEIGHTS = "model.safetensors"
-CONFIG = "config.json"
-CARD = "MODEL_CARD.md"
-DESCRIBED = (CARD, "samples.png", "training_curve.png")  # they describe the weights, so they follow them
-MAX_CONFIG_BYTES = 1 << 20  # a config is a few kB; a bigger one is not read
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 @dataclass
@@ -54,95 +52,6 @@ class LoadedModel:
         return self.config.get("name", self.path.name if self.path else "unnamed")
 
 
-def write_safetensors(tensors: dict, path, metadata: dict | None = None) -> None:
-    """``safetensors`` writes a private temporary file (mode 0600) and renames it onto ``path``, so
-    others could not read a model in a shared folder: the file gets the mode any new file gets here
-    (umask, default ACL) instead."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.unlink(missing_ok=True)
-    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-    mode = stat.S_IMODE(path.stat().st_mode)
-    save_file(tensors, str(path), metadata=metadata)
-    os.chmod(path, mode)
-
-
-def write_folder(folder, tensors: dict, config: dict) -> Path:
-    """Write a complete model folder aside, then swap it in (``publish``): a reader finds the
-    previous complete model or the new one, never a mix, and a kill leaves the previous one whole.
-    ``config['format']`` says which model kind the folder holds."""
-    target = Path(folder).resolve()  # a link to a model folder: the folder is replaced, the link kept
-    stage = new_stage(target)
-    try:
-        write_safetensors(tensors, stage / WEIGHTS, metadata={"format": config["format"]})
-        cfg = {**config, "weights_sha256": sha256_file(stage / WEIGHTS)}
-        cfg.setdefault("software_version", __version__)
-        (stage / CONFIG).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-        same = _recorded_sha(target) == cfg["weights_sha256"]
-        card = target / CARD
-        if not (same and card.is_file() and GENERATED not in card.read_text(errors="replace")):
-            (stage / CARD).write_text(card_text(cfg))  # a hand-written card stays only with the weights it describes
-        publish(stage, target, keep_described=same)
-    finally:
-        if not stage.with_name(stage.name.removesuffix(".partial") + ".carried").exists():  # else: others' files inside
-            shutil.rmtree(stage, ignore_errors=True)
-    return Path(folder)
-
-
-def new_stage(folder, tag: str | None = None) -> Path:
-    """Where the next version of a model folder is built (``publication.new_stage``)."""
-    return publication.new_stage(folder, CONFIG, tag)
-
-
-def publish(stage, folder, keep_described: bool = False) -> None:
-    """Swap a complete model folder in (``publication.publish``): only the old model is replaced,
-    its weights and config, and its card and figures unless the weights stay the same
-    (``keep_described``); the config, which names the weights, marks a complete folder."""
-    publication.publish(stage, folder, {WEIGHTS, CONFIG} | (set() if keep_described else set(DESCRIBED)), CONFIG)
-
-
-def publish_training(stage, folder) -> None:
-    """Publish a finished training's folder (``new_stage(folder, "training")``)."""
-    publication.publish_tagged(stage, folder, {WEIGHTS, CONFIG, *DESCRIBED}, CONFIG)
-
-
-def recover_stale(folder) -> None:
-    """Finish or undo what a killed writer of a model folder left (``publication.recover_stale``)."""
-    publication.recover_stale(folder, CONFIG)
-
-
-def _recorded_sha(folder: Path) -> str | None:
-    try:
-        return read_config_file(folder / CONFIG).get("weights_sha256")
-    except (ModelError, AttributeError):
-        return None
-
-
-GENERATED = "<!-- generated by bidsharmony from config.json; delete this line to keep your edits -->"
-
-
-def card_text(cfg: dict) -> str:
-    """A model card from what config.json knows: enough to tell what the weights are, where they came
-    from and how to check them; the README of a shipped model adds its benchmark by hand."""
-    method = "BlindHarmonyDiff 3D rectified flow (edges → image)" if cfg["format"].endswith("bhdiff") else "BlindHarmony 2D normalizing-flow prior"
-    data, training = cfg.get("training_data", {}), cfg.get("training", {})
-    lines = [GENERATED, f"# Model card: {cfg.get('name', '?')}", "",
-             f"- Method: {method}; preset `{cfg.get('preset', '?')}`; format `{cfg['format']}` v{cfg.get('format_version', '?')}",
-             f"- Weights: `{WEIGHTS}`, sha256 `{cfg['weights_sha256']}` (checked on every load)",
-             f"- Software: bidsharmony {cfg.get('software_version', '?')}",
-             f"- Architecture: `{json.dumps(cfg.get('architecture', {}), sort_keys=True)}`",
-             f"- Training data: `{data.get('dataset', '?')}`; "
-             + ", ".join(f"{k.replace('_', ' ')} {len(v) if isinstance(v, list) else v}" for k, v in data.items() if k != "dataset"),
-             "- Training: " + ", ".join(f"{k} {v}" for k, v in training.items()) if training else "- Training: see config.json",
-             "- Preprocessing the model expects: " + "; ".join(f"{k} {v}" for k, v in cfg.get("preprocessing", {}).items()),
-             "", "## Use and limits", "",
-             "Trained on one target domain's T1-weighted images only: it pulls other scanners' images towards",
-             "that domain and knows nothing else. Check its outputs (the participant reports) before pooling;",
-             "not for diagnosis. The data's licence applies to the weights: see the training dataset's terms.", ""]
-    return "\n".join(lines)
-
-
 def save_model(folder, flow, config: dict, extras: dict | None = None, half: bool = False) -> Path:
     import torch
 
@@ -157,58 +66,6 @@ def save_model(folder, flow, config: dict, extras: dict | None = None, half: boo
     cfg = {**config, "format": FORMAT, "format_version": FORMAT_VERSION, "architecture": flow.cfg.to_dict(),
            "storage_dtype": "float16" if half else "float32"}  # fmt: skip
     return write_folder(folder, tensors, cfg)
-
-
-def read_config_file(path: Path):
-    """The parsed JSON of a config file, refused unread beyond ``MAX_CONFIG_BYTES``."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_CONFIG_BYTES + 1)
-    except OSError as e:
-        raise ModelError(f"{path}: cannot read ({e.strerror})") from None
-    if len(data) > MAX_CONFIG_BYTES:
-        raise ModelError(f"{path}: larger than {MAX_CONFIG_BYTES // 2**20} MB; a model config is a few kB")
-    try:
-        return json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelError(f"{path}: not valid JSON ({e})") from None
-
-
-def check_shapes(tensors: dict, prefix: str, expected, folder) -> None:
-    """The file's tensors under ``prefix`` against the (name, shape) pairs that the config's
-    architecture implies, computed without building anything: an absurd config (36 TB of
-    parameters) is refused before a network is allocated. ``expected`` is read lazily, no further
-    than one entry past the file's count."""
-    folder = Path(folder)
-    have = {k[len(prefix):]: tuple(v.shape) for k, v in tensors.items() if k.startswith(prefix)}
-    try:
-        want = dict(itertools.islice(((n, tuple(s)) for n, s in expected), len(have) + 1))
-    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
-        raise ModelError(f"{folder / CONFIG}: invalid architecture ({type(e).__name__}: {e})") from None
-    problem = next((f"{prefix}{n}: missing from the file" if n not in have else
-                    f"{prefix}{n}: {list(have[n])} in the file, {list(s)} from the config"
-                    for n, s in want.items() if have.get(n) != s), None)  # fmt: skip
-    if problem is None and set(have) - set(want):
-        problem = f"{prefix}{min(set(have) - set(want))}: in the file, not in the architecture"
-    if problem:
-        raise ModelError(f"{folder / WEIGHTS}: weights do not match the architecture in {CONFIG} ({problem})")
-
-
-def read_config(folder, fmt: str = FORMAT, version: int = FORMAT_VERSION) -> dict:
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ModelError(f"{folder}: model folder not found")
-    cfg_path = folder / CONFIG
-    if not cfg_path.is_file():
-        raise ModelError(f"{cfg_path}: missing (a model folder holds {WEIGHTS} and {CONFIG})")
-    cfg = read_config_file(cfg_path)
-    if not isinstance(cfg, dict) or cfg.get("format") != fmt:
-        raise ModelError(f"{cfg_path}: not a bidsharmony {fmt.split('-')[-1]} config (format != {fmt!r})")
-    if cfg.get("format_version", 0) > version:
-        raise ModelError(f"{cfg_path}: format version {cfg['format_version']} is newer than this bidsharmony reads")
-    if fmt == FORMAT:
-        check_preprocessing(cfg, cfg_path)
-    return cfg
 
 
 # What harmonization does to a volume before the flow sees it (methods/blindharmony.py writes these
@@ -230,33 +87,13 @@ def check_preprocessing(cfg: dict, path) -> None:
         raise ModelError(f"{path}: preprocessing.slice_shape {prep['slice_shape']} differs from the architecture's {arch}")
 
 
-def read_weights(folder, cfg: dict, verify_hash: bool = True) -> dict:
-    """The folder's tensors (CPU), after checking them against the config's sha256."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    weights = Path(folder) / WEIGHTS
-    if not weights.is_file():
-        raise ModelError(f"{weights}: missing")
-    if verify_hash and sha256_file(weights) != cfg.get("weights_sha256"):
-        raise ModelError(f"{weights}: sha256 does not match {CONFIG} (truncated, corrupted or replaced)")
-    try:
-        return load_file(str(weights), device="cpu")
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ModelError(f"{weights}: not a readable safetensors file ({e})") from None
+def read_config(folder) -> dict:
+    """A 2D flow model's config, its recorded preprocessing checked."""
+    return modelfolder.read_config(folder, FORMAT, FORMAT_VERSION, check_preprocessing)
 
 
-def read_folder(folder, fmt: str = FORMAT, version: int = FORMAT_VERSION, verify_hash: bool = True) -> tuple[dict, dict]:
-    """(config, tensors) of one version of the folder: a reader whose config and weights straddle a
-    publication (the folder swapped between the two reads) reads again."""
-    cfg = read_config(folder, fmt, version)
-    try:
-        return cfg, read_weights(folder, cfg, verify_hash)
-    except ModelError:
-        if read_config(folder, fmt, version) == cfg:
-            raise
-    cfg = read_config(folder, fmt, version)
-    return cfg, read_weights(folder, cfg, verify_hash)
+def read_folder(folder, verify_hash: bool = True) -> tuple[dict, dict]:
+    return modelfolder.read_folder(folder, FORMAT, FORMAT_VERSION, verify_hash, check_preprocessing)
 
 
 def load_model(folder, device="cpu", verify_hash: bool = True) -> LoadedModel:
@@ -291,8 +128,6 @@ def load_model(folder, device="cpu", verify_hash: bool = True) -> LoadedModel:
 def model_landmarks(folder) -> tuple:
     """(standard landmarks, percentiles) of a model folder's intensity standardisation, or
     ``(None, None)`` where the model has none (trained before standardisation existed)."""
-    import numpy as np
-
     from bidsharmony.image.standardise import LANDMARKS
 
     cfg, tensors = read_folder(folder)

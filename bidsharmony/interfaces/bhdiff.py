@@ -33,7 +33,7 @@ class BHDiffHarmonize(SimpleInterface):
         import numpy as np
         import torch
 
-        from bidsharmony.bhdiff.train import load_bhdiff_model
+        from bidsharmony.bhdiff.checkpoint import load_bhdiff_model
         from bidsharmony.bhdiff.volume import BHDiffParams, harmonize_volume_bhdiff
         from bidsharmony.device import device_label, resolve_device
         from bidsharmony.image.slices import cut

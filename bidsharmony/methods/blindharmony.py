@@ -88,10 +88,11 @@ def train(opts, runs, *, device: str, steps: int, batch: int, run_workflow) -> N
     histogram and intensity landmarks, into a folder built aside and swapped in when finished."""
     from bidsharmony import __version__
     from bidsharmony.errors import BidsHarmonyError
-    from bidsharmony.flow.checkpoint import PREPROCESSING, new_stage, publish_training
+    from bidsharmony.flow.checkpoint import PREPROCESSING
     from bidsharmony.flow.model import PRESETS
     from bidsharmony.image.slices import POSITION_BINS
     from bidsharmony.image.standardise import LANDMARKS, model_entry
+    from bidsharmony.modelfolder import new_stage, publish_training
     from bidsharmony.train import data as tdata
     from bidsharmony.train.loop import TrainConfig, train_flow
     from bidsharmony.workflows.train import collect_slices, init_train_prep_wf

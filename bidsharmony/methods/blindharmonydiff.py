@@ -37,7 +37,7 @@ def harmonize_params(opts, device: str) -> dict:
 
 
 def check_model(model: Path | None, device: str) -> ModelInfo:
-    from bidsharmony.bhdiff.train import load_bhdiff_model
+    from bidsharmony.bhdiff.checkpoint import load_bhdiff_model
     from bidsharmony.errors import UsageError
 
     if model is None:
@@ -65,10 +65,11 @@ def train(opts, runs, *, device: str, steps: int, batch: int, run_workflow) -> N
     import numpy as np
 
     from bidsharmony import __version__
-    from bidsharmony.bhdiff.train import BHDiffTrainConfig, prepare_volume, save_bhdiff_model, train_bhdiff
-    from bidsharmony.flow.checkpoint import new_stage, publish_training
+    from bidsharmony.bhdiff.checkpoint import save_bhdiff_model
+    from bidsharmony.bhdiff.train import BHDiffTrainConfig, prepare_volume, train_bhdiff
     from bidsharmony.image.slices import cut
     from bidsharmony.metrics import slice_histogram
+    from bidsharmony.modelfolder import new_stage, publish_training
     from bidsharmony.workflows.train import init_train_prep_wf
 
     LOG.info("preprocessing %d T1w run(s) for bhdiff training", len(runs))

@@ -118,7 +118,7 @@ def progress_line(step: int, steps: int, first: int, train_bpd: list, val_bpd: f
 def _save_state(folder: Path, flow, opt, sched, gen, step: int, history: dict, best: float, cfg: TrainConfig, data: dict) -> None:
     import torch
 
-    from bidsharmony.flow.checkpoint import write_safetensors
+    from bidsharmony.modelfolder import write_safetensors
 
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {f"flow.{k}": v.detach().cpu().contiguous() for k, v in flow.state_dict().items()}

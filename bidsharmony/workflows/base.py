@@ -37,7 +37,7 @@ def model_facts(model) -> dict:
     from pathlib import Path
 
     from bidsharmony.errors import ModelError
-    from bidsharmony.flow.checkpoint import CARD, CONFIG, read_config_file
+    from bidsharmony.modelfolder import CARD, CONFIG, read_config_file
 
     facts: dict = {}
     if model is None:  # a method without a model (identity)

@@ -8,14 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from bidsharmony.bhdiff.train import (
-    BHDiffTrainConfig,
-    load_bhdiff_model,
-    prepare_volume,
-    sample_patch,
-    save_bhdiff_model,
-    train_bhdiff,
-)
+from bidsharmony.bhdiff.checkpoint import load_bhdiff_model, save_bhdiff_model
+from bidsharmony.bhdiff.train import BHDiffTrainConfig, prepare_volume, sample_patch, train_bhdiff
 from bidsharmony.errors import ModelError, OutputError
 
 from .test_core import blob_volume

@@ -57,20 +57,29 @@ TRAINED_FAMILIES = "monotone (γ 0.6–1.6), smooth field (×1/1.6…×1.6), Ric
 
 
 # -- distortions (training only) ------------------------------------------------------------------
-def distort(v: np.ndarray, zooms, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
-    """A random scanner: each family applied with probability 1/2, in arbitrary units."""
+FAMILIES = ("gamma", "field", "fwhm", "noise")
+
+
+def distort(v: np.ndarray, zooms, rng: np.random.Generator, single: bool = False) -> tuple[np.ndarray, dict]:
+    """A random scanner in arbitrary units: each family applied with probability 1/2, or (``single``)
+    exactly one family, drawn uniformly."""
     u, drawn = unit(v), {}
-    if rng.random() < 0.5:
+    pick = FAMILIES[int(rng.integers(len(FAMILIES)))] if single else None
+
+    def draw(family):
+        return family == pick if single else rng.random() < 0.5
+
+    if draw("gamma"):
         drawn["gamma"] = float(np.exp(rng.uniform(np.log(0.6), np.log(1.6))))
         u = u ** drawn["gamma"]
-    if rng.random() < 0.5:
+    if draw("field"):
         drawn["field"] = float(rng.uniform(1.05, 1.6))
         u = u * smooth_field(u.shape, rng, amplitude=drawn["field"], control=int(rng.integers(3, 6)))
-    if rng.random() < 0.5:
+    if draw("fwhm"):
         drawn["fwhm"] = [float(rng.uniform(0, 5)), float(rng.uniform(0, 7))]
         fw = (drawn["fwhm"][0], drawn["fwhm"][0], drawn["fwhm"][1])
         u = ndimage.gaussian_filter(u, [f / 2.3548 / z for f, z in zip(fw, zooms)])
-    if rng.random() < 0.5:
+    if draw("noise"):
         drawn["noise"] = float(rng.uniform(0, 0.06))
         s = drawn["noise"] * float(np.percentile(u[head_mask(u)], 99))
         n1, n2 = (s * rng.standard_normal(u.shape, dtype=np.float32) for _ in range(2))
@@ -131,9 +140,9 @@ def restore(net: Restorer, vol12: np.ndarray, batch: int = 16) -> np.ndarray:
     return np.moveaxis(out, 0, 2).astype(np.float32) * SCALE
 
 
-def train(pairs, steps: int, batch: int, seed: int, log_every: int) -> tuple[Restorer, list[float]]:
-    """pairs: [(distorted 1.2 mm, clean 1.2 mm, head mask)] standardised. L1 in the head, random
-    crops of axial slices that hold head."""
+def train(pairs, steps: int, batch: int, seed: int, log_every: int, loss_kind: str = "l1") -> tuple[Restorer, list[float]]:
+    """pairs: [(distorted 1.2 mm, clean 1.2 mm, head mask)] standardised. L1 (or L2) in the head,
+    random crops of axial slices that hold head."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     net = Restorer()
@@ -164,12 +173,13 @@ def train(pairs, steps: int, batch: int, seed: int, log_every: int) -> tuple[Res
         x = torch.from_numpy(np.ascontiguousarray(np.stack(xs)) / SCALE).float()
         y = torch.from_numpy(np.ascontiguousarray(np.stack(ys)) / SCALE).float()
         m = torch.from_numpy(np.ascontiguousarray(np.stack(ms))).float()
-        loss = ((net(x) - y).abs() * m).sum() / m.sum().clamp_min(1)
+        err = net(x) - y
+        loss = ((err.abs() if loss_kind == "l1" else err**2) * m).sum() / m.sum().clamp_min(1)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if (step + 1) % log_every == 0 or step + 1 == steps:
             print(f"step {step + 1}/{steps}: L1 {np.mean(losses[-log_every:]):.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
     net.eval()
@@ -193,6 +203,9 @@ def main() -> None:
     p.add_argument("--subjects", type=int, default=None, help="TEST subjects (default 4; --quick 1)")
     p.add_argument("--scanners", help=f"comma-separated (default: all; --quick: {','.join(QUICK_SCANNERS)})")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--loss", choices=("l1", "l2"), default="l1", help="training loss in the head")
+    p.add_argument("--single-family", action="store_true", help="each training distortion is one family, not a random mix")
+    p.add_argument("--name", default="harmonizer_probe", help="stem of the result files")
     args = p.parse_args()
     device = common.setup(args)
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -220,13 +233,13 @@ def main() -> None:
         rng = np.random.default_rng(run.case_seed(args.seed, "harmonizer-train", sub))
         pairs.append((clean12, clean12, mask))  # the target's own images stay as they are
         for _ in range(args.distortions):
-            d, what = distort(v, zooms, rng)
+            d, what = distort(v, zooms, rng, single=args.single_family)
             pairs.append((to_pipeline(d, affine, standard)[0], clean12, mask))
             drawn.append(what)
         print(f"training data {i + 1}/{len(train_subjects)} ({time.perf_counter() - t0:.0f} s)", flush=True)
     data_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
-    net, losses = train(pairs, args.steps, args.batch, args.seed, log_every=max(args.steps // 20, 1))
+    net, losses = train(pairs, args.steps, args.batch, args.seed, log_every=max(args.steps // 20, 1), loss_kind=args.loss)
     train_seconds = time.perf_counter() - t0
     del pairs
     n_params = sum(p.numel() for p in net.parameters())
@@ -308,8 +321,8 @@ def main() -> None:
     notes = [
         f"Network: 2.5D U-Net, {n_params / 1e6:.2f} M parameters, trained {args.steps} steps × {args.batch} crops of {CROP}² on "
         f"{len(train_subjects)} IXI-HH TRAIN subjects (each clean and under {args.distortions} random distortions: {TRAINED_FAMILIES}; "
-        f"each family drawn with probability 1/2); L1 in the head; {train_seconds:.0f} s of training, {data_seconds:.0f} s of data. "
-        f"Last 100 steps' L1: {np.mean(losses[-100:]):.4f} (standard scale / {SCALE:g}).",
+        f"{'one family per distortion' if args.single_family else 'each family drawn with probability 1/2'}); {args.loss.upper()} in the head; {train_seconds:.0f} s of training, {data_seconds:.0f} s of data. "
+        f"Last 100 steps' {args.loss.upper()}: {np.mean(losses[-100:]):.4f} (standard scale / {SCALE:g}).",
         f"Scored: {len(test)} TEST subject(s) ({', '.join(test)}) × {len(scanners)} simulated scanner(s), made as the quality benchmark "
         f"makes them (seed {args.seed}); the benchmark's scores against the truth in the brain. The peers are fit on "
         f"{args.peer_subjects} TRAIN subjects and get the brain mask; the standardisation (the shipped model's landmarks) and the "
@@ -321,7 +334,7 @@ def main() -> None:
     ]
     results = {"rows": rows, "unseen": unseen, "train": train_subjects, "test": test, "scanners": scanners, "losses": losses[::10],
                "drawn": drawn, "params": n_params, "train_seconds": train_seconds, "net_seconds": net_seconds, "target_gm_wm": target_gm_wm}
-    common.write_results(args, device, "harmonizer_probe", "Probe: a restoration network trained on the target alone, after the standardisation",
+    common.write_results(args, device, args.name, "Probe: a restoration network trained on the target alone, after the standardisation",
                          "\n".join(out_md), notes, results)
 
 

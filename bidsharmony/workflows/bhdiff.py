@@ -16,9 +16,19 @@ def bhdiff_mem_gb(shape=(150, 180, 150), base: int = 32) -> float:
     return round(1.0 + 12 * base * voxels * 4 / 2**30, 1)
 
 
-def init_bhdiff_wf(model, params: dict | None = None, device: str = "auto", output_space: str = "native",
+def init_bhdiff_wf(model, params: dict | None = None, *, device: str = "auto", output_space: str = "native",
                    omp_nthreads: int = 1, name: str = "bhdiff_wf"):
     """Harmonize one T1w with a BlindHarmonyDiff model folder.
+
+    resample (1.2 mm RAS) → harmonize (the 3D rectified flow from edges, then the correlation
+    refinement) → reassemble (native grid, or the 1.2 mm one).
+
+    Parameters
+    ----------
+    model : path of a bhdiff model folder
+    params : BHDiffParams fields (defaults where missing)
+    device : ``auto``, ``cpu``, ``cuda`` or ``cuda:N``
+    output_space : ``native`` or ``harmonization``
 
     Inputs: ``t1w``. Outputs: ``harmonized``, ``info``, ``trace``, ``histograms`` (as init_harmonize_wf).
     """

@@ -19,7 +19,7 @@ from bidsharmony.interfaces.slicing import Reassemble, SliceVolume
 from bidsharmony.interfaces.standardise import Standardise
 
 
-def init_slices_wf(voxel_size: float = 1.2, grid_shape=(144, 176), omp_nthreads: int = 1, model=None, name: str = "slices_wf"):
+def init_slices_wf(*, voxel_size: float = 1.2, grid_shape=(144, 176), omp_nthreads: int = 1, model=None, name: str = "slices_wf"):
     """T1w -> canonical isotropic volume [-> standardised onto ``model``'s landmarks] ->
     normalised slices on the model grid.
 
@@ -95,6 +95,7 @@ def resolve_standardise(requested: str, config: dict, model) -> str:
 def init_harmonize_wf(
     model,
     params: dict | None = None,
+    *,
     device: str = "auto",
     output_space: str = "native",
     omp_nthreads: int = 1,

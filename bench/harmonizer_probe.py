@@ -181,7 +181,7 @@ def train(pairs, steps: int, batch: int, seed: int, log_every: int, loss_kind: s
         sched.step()
         losses.append(float(loss.detach()))
         if (step + 1) % log_every == 0 or step + 1 == steps:
-            print(f"step {step + 1}/{steps}: L1 {np.mean(losses[-log_every:]):.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+            print(f"step {step + 1}/{steps}: {loss_kind.upper()} {np.mean(losses[-log_every:]):.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
     net.eval()
     return net, losses
 

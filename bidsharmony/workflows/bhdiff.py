@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
 from bidsharmony.interfaces.bhdiff import BHDiffHarmonize
-from bidsharmony.interfaces.resample import ResampleToHarmonizationSpace
-from bidsharmony.interfaces.slicing import Reassemble
+from bidsharmony.workflows.volumetric import init_volume_wf
 
 
 def bhdiff_mem_gb(shape=(150, 180, 150), base: int = 32) -> float:
@@ -39,22 +37,7 @@ def init_bhdiff_wf(model, params: dict | None = None, *, device: str = "auto", o
 
     config = json.loads((Path(model) / "config.json").read_text())
     params = BHDiffParams(**(params or {})).validate().to_dict()
-    wf = pe.Workflow(name=name)
-    inputnode = pe.Node(niu.IdentityInterface(fields=["t1w"]), name="inputnode")
-    outputnode = pe.Node(niu.IdentityInterface(fields=["harmonized", "info", "trace", "histograms"]), name="outputnode")
-    resample = pe.Node(ResampleToHarmonizationSpace(voxel_size=1.2, num_threads=omp_nthreads), name="resample",
-                       n_procs=omp_nthreads, mem_gb=1.5)  # fmt: skip
     harmonize = pe.Node(BHDiffHarmonize(model=str(model), params=params, device=device, num_threads=omp_nthreads),
                         name="harmonize", n_procs=omp_nthreads,
                         mem_gb=bhdiff_mem_gb(base=config.get("architecture", {}).get("base", 32)))  # fmt: skip
-    reassemble = pe.Node(Reassemble(output_space=output_space), name="reassemble", mem_gb=1.5)
-    wf.connect([
-        (inputnode, resample, [("t1w", "in_file")]),
-        (inputnode, reassemble, [("t1w", "in_file")]),
-        (resample, harmonize, [("out_file", "in_file")]),
-        (resample, reassemble, [("out_file", "resampled")]),
-        (harmonize, reassemble, [("out_file", "volume")]),
-        (reassemble, outputnode, [("out_file", "harmonized")]),
-        (harmonize, outputnode, [("info", "info"), ("trace", "trace"), ("histograms", "histograms")]),
-    ])  # fmt: skip
-    return wf
+    return init_volume_wf(harmonize, output_space=output_space, omp_nthreads=omp_nthreads, name=name)

@@ -35,30 +35,13 @@ def init_wf(model, params: dict, *, device: str = "auto", output_space: str = "n
 
     Inputs: ``t1w``. Outputs: ``harmonized``, ``info``, ``trace``, ``histograms`` (as every method's).
     """
-    from nipype.interfaces import utility as niu
     from nipype.pipeline import engine as pe
 
-    from bidsharmony.interfaces.resample import ResampleToHarmonizationSpace
-    from bidsharmony.interfaces.slicing import Reassemble
     from bidsharmony.methods.identity.interfaces import IdentityHarmonize
+    from bidsharmony.workflows.volumetric import init_volume_wf
 
-    wf = pe.Workflow(name=name)
-    inputnode = pe.Node(niu.IdentityInterface(fields=["t1w"]), name="inputnode")
-    outputnode = pe.Node(niu.IdentityInterface(fields=["harmonized", "info", "trace", "histograms"]), name="outputnode")
-    resample = pe.Node(ResampleToHarmonizationSpace(voxel_size=1.2, num_threads=omp_nthreads), name="resample",
-                       n_procs=omp_nthreads, mem_gb=1.5)  # fmt: skip
     harmonize = pe.Node(IdentityHarmonize(), name="harmonize", mem_gb=1.0)
-    reassemble = pe.Node(Reassemble(output_space=output_space), name="reassemble", mem_gb=1.5)
-    wf.connect([
-        (inputnode, resample, [("t1w", "in_file")]),
-        (inputnode, reassemble, [("t1w", "in_file")]),
-        (resample, harmonize, [("out_file", "in_file")]),
-        (resample, reassemble, [("out_file", "resampled")]),
-        (harmonize, reassemble, [("out_file", "volume")]),
-        (reassemble, outputnode, [("out_file", "harmonized")]),
-        (harmonize, outputnode, [("info", "info"), ("trace", "trace"), ("histograms", "histograms")]),
-    ])  # fmt: skip
-    return wf
+    return init_volume_wf(harmonize, output_space=output_space, omp_nthreads=omp_nthreads, name=name)
 
 
 def train_defaults(gpu: bool) -> tuple[tuple[int, int], str]:

@@ -1,0 +1,35 @@
+"""The workflow of a method that harmonizes whole volumes on the 1.2 mm grid (the 3D method, the
+identity): resample → the method's node → reassemble, with every method's inputs and outputs."""
+
+from __future__ import annotations
+
+from nipype.interfaces import utility as niu
+from nipype.pipeline import engine as pe
+
+from bidsharmony.interfaces.resample import ResampleToHarmonizationSpace
+from bidsharmony.interfaces.slicing import Reassemble
+
+
+def init_volume_wf(harmonize: pe.Node, *, output_space: str = "native", omp_nthreads: int = 1, name: str):
+    """Wrap ``harmonize`` (a node named ``harmonize`` whose ``in_file`` is the canonical 1.2 mm
+    volume and whose outputs are ``out_file``, ``info``, ``trace`` and ``histograms``).
+
+    Inputs: ``t1w``. Outputs: ``harmonized`` (NIfTI, native grid or 1.2 mm), ``info``, ``trace``,
+    ``histograms`` (as ``init_harmonize_wf``).
+    """
+    wf = pe.Workflow(name=name)
+    inputnode = pe.Node(niu.IdentityInterface(fields=["t1w"]), name="inputnode")
+    outputnode = pe.Node(niu.IdentityInterface(fields=["harmonized", "info", "trace", "histograms"]), name="outputnode")
+    resample = pe.Node(ResampleToHarmonizationSpace(voxel_size=1.2, num_threads=omp_nthreads), name="resample",
+                       n_procs=omp_nthreads, mem_gb=1.5)  # fmt: skip
+    reassemble = pe.Node(Reassemble(output_space=output_space), name="reassemble", mem_gb=1.5)
+    wf.connect([
+        (inputnode, resample, [("t1w", "in_file")]),
+        (inputnode, reassemble, [("t1w", "in_file")]),
+        (resample, harmonize, [("out_file", "in_file")]),
+        (resample, reassemble, [("out_file", "resampled")]),
+        (harmonize, reassemble, [("out_file", "volume")]),
+        (reassemble, outputnode, [("out_file", "harmonized")]),
+        (harmonize, outputnode, [("info", "info"), ("trace", "trace"), ("histograms", "histograms")]),
+    ])  # fmt: skip
+    return wf

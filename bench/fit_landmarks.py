@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bidsharmony.flow.checkpoint import CARD, DESCRIBED, read_folder, write_folder
+from bidsharmony.flow.checkpoint import read_folder
+from bidsharmony.modelfolder import CARD, DESCRIBED, write_folder
 from bidsharmony.image.io import load_t1w
 from bidsharmony.image.resample import canonical, resample_isotropic
 from bidsharmony.image.standardise import LANDMARKS, fit_landmarks, model_entry

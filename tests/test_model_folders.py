@@ -12,8 +12,9 @@ import torch
 
 from bidsharmony.cli.run import main
 from bidsharmony.errors import EXIT_CANT_CREATE, EXIT_NO_INPUT
-from bidsharmony.flow.checkpoint import CARD, CONFIG, WEIGHTS, load_model, save_model
+from bidsharmony.flow.checkpoint import load_model, save_model
 from bidsharmony.flow.model import build_flow
+from bidsharmony.modelfolder import CARD, CONFIG, WEIGHTS
 from bidsharmony.models import BUNDLED, DEFAULT_MODEL
 
 from .conftest import tree_digest

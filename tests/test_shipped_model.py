@@ -10,7 +10,8 @@ import sys
 import numpy as np
 import pytest
 
-from bidsharmony.flow.checkpoint import WEIGHTS, load_model, sha256_file
+from bidsharmony.flow.checkpoint import load_model
+from bidsharmony.modelfolder import WEIGHTS, sha256_file
 from bidsharmony.models import DEFAULT_MODEL, bundled_models, default_model
 
 

@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 
 from bidsharmony.errors import ModelError
-from bidsharmony.flow.checkpoint import model_landmarks, read_folder, write_folder
+from bidsharmony.flow.checkpoint import model_landmarks, read_folder
 from bidsharmony.image.io import load_t1w
 from bidsharmony.image.resample import canonical, resample_isotropic
 from bidsharmony.image.standardise import LANDMARKS, SCALE, apply_record, fit_landmarks, volume_landmarks
+from bidsharmony.modelfolder import write_folder
 from bidsharmony.workflows.harmonize import init_harmonize_wf
 
 

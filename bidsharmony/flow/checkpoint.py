@@ -10,27 +10,7 @@ from pathlib import Path
 
 from bidsharmony import modelfolder
 from bidsharmony.errors import ModelError
-
-# The generic folder functions, for the code and tests that reach them through this module.
-from bidsharmony.modelfolder import (  # noqa: F401
-    CARD,
-    CONFIG,
-    DESCRIBED,
-    GENERATED,
-    MAX_CONFIG_BYTES,
-    WEIGHTS,
-    card_text,
-    check_shapes,
-    new_stage,
-    publish,
-    publish_training,
-    read_config_file,
-    read_weights,
-    recover_stale,
-    sha256_file,
-    write_folder,
-    write_safetensors,
-)
+from bidsharmony.modelfolder import CONFIG, WEIGHTS, check_shapes, write_folder
 
 FORMAT = "bidsharmony-flow"
 FORMAT_VERSION = 1

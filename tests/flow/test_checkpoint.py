@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from bidsharmony.errors import ModelError
-from bidsharmony.flow.checkpoint import CONFIG, WEIGHTS, load_model, save_model
+from bidsharmony.flow.checkpoint import load_model, save_model
 from bidsharmony.flow.model import build_flow
+from bidsharmony.modelfolder import CONFIG, WEIGHTS
 
 
 @pytest.fixture
@@ -92,7 +93,7 @@ def test_invalid_config_json(saved):
 
 
 def test_a_card_is_generated_from_the_config_and_a_hand_written_one_is_kept(saved):
-    from bidsharmony.flow.checkpoint import CARD, GENERATED
+    from bidsharmony.modelfolder import CARD, GENERATED
 
     flow, folder = saved
     cfg = json.loads((folder / CONFIG).read_text())
@@ -133,7 +134,7 @@ def _hidden_leftovers(folder):
 def test_model_files_get_the_mode_the_umask_gives(saved, tmp_path, umask, mode):
     import stat
 
-    from bidsharmony.flow.checkpoint import CARD, write_safetensors
+    from bidsharmony.modelfolder import CARD, write_safetensors
 
     flow, _ = saved
     previous = os.umask(umask)
@@ -147,7 +148,7 @@ def test_model_files_get_the_mode_the_umask_gives(saved, tmp_path, umask, mode):
 
 
 def test_a_new_model_replaces_the_old_ones_card_and_keeps_what_is_not_the_models(saved):
-    from bidsharmony.flow.checkpoint import CARD, GENERATED
+    from bidsharmony.modelfolder import CARD, GENERATED
 
     flow, folder = saved
     (folder / CARD).write_text("# card of the old weights\n")
@@ -239,7 +240,7 @@ def test_a_writer_killed_mid_way_leaves_a_complete_model_and_its_leftovers_are_c
 
 
 def test_recovery_completes_or_undoes_a_killed_swap(saved, tmp_path):
-    from bidsharmony.flow.checkpoint import recover_stale
+    from bidsharmony.modelfolder import recover_stale
 
     flow, folder = saved
     pid = _dead_pid()
@@ -260,7 +261,7 @@ def test_recovery_completes_or_undoes_a_killed_swap(saved, tmp_path):
 
 def test_a_folder_that_cannot_be_swapped_is_published_inside_it(saved, tmp_path):
     """A mount point (a container's bind mount) or a folder in a read-only parent: built inside."""
-    from bidsharmony.flow.checkpoint import publish
+    from bidsharmony.modelfolder import publish
 
     flow, folder = saved
     (folder / "notes.txt").write_text("kept\n")

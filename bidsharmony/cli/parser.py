@@ -29,17 +29,11 @@ def memory_gb(text: str) -> float:
     return float(m.group(1)) * _MEM_SCALE[(m.group(2) or "M")[0].upper()]
 
 
-
-
 def _model_name(text: str) -> str:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", text) or len(text) > 100:
         raise argparse.ArgumentTypeError(f"{text!r}: a model name is a simple label (letters, digits, '-', '_', '.'; "
                                          "starting with a letter or digit; 100 characters at most)")
     return text
-
-
-
-
 
 
 def _device(text: str) -> str:

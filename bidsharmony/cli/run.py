@@ -108,7 +108,7 @@ def run_participant(opts, nprocs: int, omp: int, work_dir: Path, log_dir: Path) 
     check_images(runs)
     device = resolve_device(opts.device)
     method = methods.get(opts.method)
-    model = method.check_model(opts.model, device)  # fails early on a bad model folder
+    model = method.check_model(opts.model)  # fails early on a bad model folder
     params = method.harmonize_params(opts, device)
     used = f"model {model.name} (sha256 {model.sha256[:12]}…)" if model.folder is not None else "no model"
     LOG.info("%d T1w run(s); method %s, %s; device %s", len(runs), opts.method, used, device)

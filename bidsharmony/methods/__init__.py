@@ -10,14 +10,17 @@ A method is a module that provides, for the CLI, the participant workflow and th
     its own options, added to the parser's two argument groups (names unique across methods).
 ``harmonize_params(opts, device) -> dict``
     its parameters from the options, validated; recorded in each sidecar.
-``check_model(model, device) -> ModelInfo``
+``check_model(model) -> ModelInfo``
     the model folder it will use (``model`` is ``--model`` or ``None``), checked before anything is
     written, so a bad folder fails in one line and not in a node.
 ``init_wf(model, params, *, device, output_space, omp_nthreads, name)``
     the harmonization workflow of one T1w: ``inputnode.t1w`` in; ``outputnode.harmonized``,
     ``info`` (dict), ``trace`` and ``histograms`` (JSON files) out.
-``train_defaults(gpu) -> (steps, batch)`` and ``train(opts, runs, *, device, nprocs, work_dir, log_dir) -> int``
-    the train level.
+``train_defaults(gpu) -> ((steps, batch), why)``
+    the train level's defaults on a GPU or a CPU, and the reason the log gives for them.
+``train(opts, runs, *, device, steps, batch, run_workflow)``
+    the train level: ``run_workflow(wf)`` executes a Nipype workflow in the run's work directory and
+    returns its graph; the model folder is published at ``opts.output_dir``.
 
 Adding a method is one module under ``methods/`` and one line in :data:`METHODS`. Modules are
 imported on first use and import torch, ANTs and Nipype lazily, so ``--help`` stays instant.

@@ -60,7 +60,7 @@ def harmonize_params(opts, device: str) -> dict:
     ).validate().to_dict()
 
 
-def check_model(model: Path | None, device: str) -> ModelInfo:
+def check_model(model: Path | None) -> ModelInfo:
     """``--model`` or the bundled default, loaded once on the CPU to fail early on a bad folder."""
     from bidsharmony.flow.checkpoint import load_model
     from bidsharmony.models import default_model

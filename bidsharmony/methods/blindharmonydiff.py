@@ -36,7 +36,7 @@ def harmonize_params(opts, device: str) -> dict:
                         patch=opts.patch_size, seed=opts.random_seed).validate().to_dict()  # fmt: skip
 
 
-def check_model(model: Path | None, device: str) -> ModelInfo:
+def check_model(model: Path | None) -> ModelInfo:
     from bidsharmony.bhdiff.checkpoint import load_bhdiff_model
     from bidsharmony.errors import UsageError
 

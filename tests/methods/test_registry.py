@@ -28,6 +28,21 @@ def test_every_method_offers_the_whole_protocol(name):
     missing = [attr for attr in PROTOCOL if not hasattr(module, attr)]
     assert not missing, f"{name}: {missing}"
     assert module.SUMMARY.startswith(f"{name}: ") and module.DESCRIPTION.startswith("T1w ")
+    # The calls the CLI and the workflows make, as the registry's docstring writes them.
+    import inspect
+
+    def params(fn, kind):
+        return [p.name for p in inspect.signature(fn).parameters.values() if p.kind == kind]
+
+    positional, keyword = inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY
+    assert params(module.check_model, positional) == ["model"]
+    assert params(module.harmonize_params, positional) == ["opts", "device"]
+    assert params(module.add_arguments, positional) == ["harmonization", "training"]
+    assert params(module.init_wf, positional) == ["model", "params"]
+    assert params(module.init_wf, keyword) == ["device", "output_space", "omp_nthreads", "name"]
+    assert params(module.train, keyword) == ["device", "steps", "batch", "run_workflow"]
+    (steps, batch), why = module.train_defaults(False)
+    assert isinstance(steps, int) and isinstance(batch, int) and why
 
 
 def test_unknown_method_names_the_known_ones():

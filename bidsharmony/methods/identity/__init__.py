@@ -21,7 +21,7 @@ def harmonize_params(opts, device: str) -> dict:
     return {}
 
 
-def check_model(model: Path | None, device: str) -> ModelInfo:
+def check_model(model: Path | None) -> ModelInfo:
     from bidsharmony.errors import UsageError
 
     if model is not None:

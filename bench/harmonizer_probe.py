@@ -265,6 +265,7 @@ def main() -> None:
         truth, mask, tissue = run.load_subject(args.data, sub)
         img = nb.as_closest_canonical(nb.load(str(run.t1w_path(args.data, sub))))
         affine, zooms = img.affine, img.header.get_zooms()[:3]
+        truth_seg = scores.segment(truth, mask)
         for name in scanners:
             src = simulate(name, truth, tissue, zooms, run.case_seed(args.seed, sub, name))
             outs = {pr.name: pr.apply(src, mask) for pr in peers}
@@ -272,7 +273,7 @@ def main() -> None:
             net_seconds.append(s)
             for method, vol in outs.items():
                 rows.append({"subject": sub, "scanner": name, "kind": SCANNERS[name].kind, "method": method,
-                             **scores.score_volume(vol, truth, mask),
+                             **scores.score_volume(vol, truth, mask, truth_seg),
                              "corr_source": float(np.corrcoef(vol[mask], src[mask])[0, 1])})
             print(f"{sub} {name}: " + ", ".join(f"{r['method']} {r['psnr_vol']:.2f}" for r in rows[-len(outs):]), flush=True)
 

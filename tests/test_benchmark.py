@@ -39,6 +39,17 @@ def test_scores_of_identical_volumes_are_perfect_and_affine_invariant():
     assert s["dice"] == 1.0 and s["jump_ratio"] == pytest.approx(1.0, abs=1e-4) and s["profile_rmse"] < 1e-5
 
 
+def test_a_truth_segmented_once_scores_as_one_segmented_per_call():
+    """The benchmark segments each truth once and passes it on: the scores must be those of the
+    call that segments it itself, and a different labelling must change them (it is used)."""
+    v, mask, _ = phantom()
+    out = np.sqrt(np.clip(v, 0, None)) + 0.05 * np.random.default_rng(0).standard_normal(v.shape)
+    seg = scores.segment(v, mask)
+    assert scores.score_volume(out, v, mask, seg) == scores.score_volume(out, v, mask)
+    other = np.where(seg == 2, 3, seg).astype(seg.dtype)  # grey matter relabelled white
+    assert scores.score_volume(out, v, mask, other)["dice"] < scores.score_volume(out, v, mask)["dice"]
+
+
 def test_a_known_shift_lowers_the_volume_psnr_by_the_expected_amount():
     v, mask, _ = phantom()
     scaled = scores.robust_scale(v, mask)

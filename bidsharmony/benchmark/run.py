@@ -234,7 +234,8 @@ def main(argv=None) -> int:
     ages = participant_ages(args.data)
     for sub in test:
         truth, mask, _ = load_subject(args.data, sub)
-        biology[sub] = {"age": ages.get(sub), "gm_fraction_truth": scores.gm_fraction(scores.segment(truth, mask))}
+        truth_seg = scores.segment(truth, mask)  # once per subject: every output of it is scored against it
+        biology[sub] = {"age": ages.get(sub), "gm_fraction_truth": scores.gm_fraction(truth_seg)}
         for name in args.scanners:
             source = load_canonical(sim / sub / f"ses-{name}" / "anat" / f"{sub}_ses-{name}_T1w.nii.gz")
             results = {}
@@ -249,7 +250,7 @@ def main(argv=None) -> int:
                 results[key] = (vol, side["HarmonizationSeconds"])
             for method, (vol, seconds) in results.items():
                 rows.append({"subject": sub, "scanner": name, "kind": SCANNERS[name].kind, "method": method,
-                             **scores.score_volume(vol, truth, mask), "seconds": round(float(seconds), 3)})
+                             **scores.score_volume(vol, truth, mask, truth_seg), "seconds": round(float(seconds), 3)})
             if sub == test[0]:
                 k = int(np.median(mask_slices(mask)))
                 examples[name] = {"truth": truth[..., k], **{m: v[..., k] for m, (v, _) in results.items()}}

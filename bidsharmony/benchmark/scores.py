@@ -89,10 +89,12 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if total == 0 else float(2 * np.logical_and(a, b).sum() / total)
 
 
-def tissue_dice(out: np.ndarray, truth: np.ndarray, mask: np.ndarray) -> dict:
+def tissue_dice(out: np.ndarray, truth: np.ndarray, mask: np.ndarray, truth_seg: np.ndarray | None = None) -> dict:
     """Dice of the k-means classes, and the output's grey-matter fraction of the brain (the
-    benchmark correlates it with age: harmonization must keep that biology)."""
-    so, st = segment(out, mask), segment(truth, mask)
+    benchmark correlates it with age: harmonization must keep that biology). ``truth_seg``: the
+    truth's ``segment``, when the caller scores many outputs against one truth."""
+    so = segment(out, mask)
+    st = segment(truth, mask) if truth_seg is None else truth_seg
     per = {name: dice(so == i, st == i) for i, name in ((1, "csf"), (2, "gm"), (3, "wm"))}
     return {"dice": float(np.mean(list(per.values()))), **{f"dice_{k}": v for k, v in per.items()},
             "gm_fraction": gm_fraction(so)}
@@ -122,9 +124,9 @@ def consistency_scores(out: np.ndarray, truth: np.ndarray, mask: np.ndarray) -> 
     }
 
 
-def score_volume(out: np.ndarray, truth: np.ndarray, mask: np.ndarray) -> dict:
+def score_volume(out: np.ndarray, truth: np.ndarray, mask: np.ndarray, truth_seg: np.ndarray | None = None) -> dict:
     return {**slice_scores(out, truth, mask), **volume_scores(out, truth, mask),
-            **tissue_dice(out, truth, mask), **consistency_scores(out, truth, mask)}
+            **tissue_dice(out, truth, mask, truth_seg), **consistency_scores(out, truth, mask)}
 
 
 def brain_sample(v: np.ndarray, mask: np.ndarray, n: int = 20000, seed: int = 0) -> np.ndarray:

@@ -108,6 +108,12 @@ def machine_info(device) -> dict:
     return _machine_info(str(torch.device(device)))
 
 
+def mean_by(rows: list[dict], method: str, metric: str, **where) -> tuple[float | None, int]:
+    """(mean of ``metric`` over the rows of ``method`` matching ``where``, or None; how many)."""
+    vals = [r[metric] for r in rows if r["method"] == method and all(r[k] == w for k, w in where.items())]
+    return (statistics.fmean(vals) if vals else None), len(vals)
+
+
 def table(headers: list[str], rows: list[list]) -> str:
     def cell(v):
         if v is None:

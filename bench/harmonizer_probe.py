@@ -186,11 +186,6 @@ def train(pairs, steps: int, batch: int, seed: int, log_every: int, loss_kind: s
     return net, losses
 
 
-def mean_by(rows, method, metric, **where):
-    vals = [r[metric] for r in rows if r["method"] == method and all(r[k] == w for k, w in where.items())]
-    return (float(np.mean(vals)) if vals else None), len(vals)
-
-
 def main() -> None:
     p = common.parser(__doc__)
     p.add_argument("--data", type=Path, default=DATA / "ixi-hh")
@@ -303,12 +298,12 @@ def main() -> None:
 
     out_md = ["## Mean over subjects and scanners", "",
               common.table(["method", *[HEADS[k] for k in METRICS], "corr. with source", "n"],
-                           [[m, *[mean_by(rows, m, k)[0] for k in METRICS], mean_by(rows, m, "corr_source")[0], mean_by(rows, m, "psnr_vol")[1]]
+                           [[m, *[common.mean_by(rows, m, k)[0] for k in METRICS], common.mean_by(rows, m, "corr_source")[0], common.mean_by(rows, m, "psnr_vol")[1]]
                             for m in METHODS])]
     for metric in ("psnr_vol", "dice"):
         body = []
         for name in scanners:
-            vals = [mean_by(rows, m, metric, scanner=name)[0] for m in METHODS]
+            vals = [common.mean_by(rows, m, metric, scanner=name)[0] for m in METHODS]
             best_peer = max(v for m, v in zip(METHODS, vals) if m in ("none", "histmatch", "nyul"))
             tag = " — unseen distortion" if SCANNERS[name].kind == "contrast" else ""
             body.append([f"{name} ({SCANNERS[name].kind}){tag}", *vals, vals[-1] - best_peer, delta(metric, scanner=name)])

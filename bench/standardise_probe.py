@@ -122,11 +122,6 @@ def blind(v: np.ndarray, affine: np.ndarray, standard: dict, times: dict, stage:
     return out, variants
 
 
-def mean_by(rows: list[dict], method: str, metric: str, **where) -> tuple[float | None, int]:
-    vals = [r[metric] for r in rows if r["method"] == method and all(r[k] == w for k, w in where.items())]
-    return (float(np.mean(vals)) if vals else None), len(vals)
-
-
 def main() -> None:
     p = common.parser(__doc__)
     p.add_argument("--data", type=Path, default=DATA / "ixi-hh")
@@ -226,7 +221,7 @@ def main() -> None:
              if r["method"] == method and all(r[k] == w for k, w in where.items())]
         return float(np.mean(d)) if d else None
 
-    mean_rows = [[m, *[mean_by(rows, m, k)[0] for k in METRICS], mean_by(rows, m, "psnr_vol")[1],
+    mean_rows = [[m, *[common.mean_by(rows, m, k)[0] for k in METRICS], common.mean_by(rows, m, "psnr_vol")[1],
                   paired(m, "psnr_vol"), paired(m, "dice")] for m in methods]
     out_md = ["## Mean over subjects and scanners", "",
               common.table(["method", *[HEADS[k] for k in METRICS], "n", f"Δ PSNR vol vs {STD}, same cases and truth", f"Δ Dice vs {STD}, same cases and truth"],
@@ -234,18 +229,18 @@ def main() -> None:
     shown = [m for m in ["none", "histmatch", "nyul", STD] if m in methods]
     extra = [m for m in methods if m in CLASSICAL and (STD in m)]
     for metric in ("psnr_vol", "dice"):
-        body = [[f"{name} ({SCANNERS[name].kind})", *[mean_by(rows, m, metric, scanner=name)[0] for m in shown],
-                 *([mean_by([r for r in rows if (r["subject"], r["scanner"]) in classical_cases], STD, metric, scanner=name)[0]] if extra else []),
-                 *[mean_by(rows, m, metric, scanner=name)[0] for m in extra]] for name in scanners]
+        body = [[f"{name} ({SCANNERS[name].kind})", *[common.mean_by(rows, m, metric, scanner=name)[0] for m in shown],
+                 *([common.mean_by([r for r in rows if (r["subject"], r["scanner"]) in classical_cases], STD, metric, scanner=name)[0]] if extra else []),
+                 *[common.mean_by(rows, m, metric, scanner=name)[0] for m in extra]] for name in scanners]
         out_md += ["", f"## {HEADS[metric]} per scanner", "",
                    common.table(["scanner", *shown, *([f"{STD}, on the N4/denoise cases"] if extra else []), *extra], body)]
     mono = [s for s in scanners if SCANNERS[s].kind == "monotone"]
     var_rows = []
     for name in [*VARIANTS, REASSEMBLED]:
         m = STD if name == DEFAULT else f"variant: {name}"
-        var_rows.append([name, mean_by(rows, m, "psnr_vol")[0],
-                         float(np.mean([mean_by(rows, m, "psnr_vol", scanner=s)[0] for s in mono])) if mono else None,
-                         mean_by(rows, m, "dice")[0],
+        var_rows.append([name, common.mean_by(rows, m, "psnr_vol")[0],
+                         float(np.mean([common.mean_by(rows, m, "psnr_vol", scanner=s)[0] for s in mono])) if mono else None,
+                         common.mean_by(rows, m, "dice")[0],
                          *[next((u["histogram_distance"] for u in unseen if u["method"] == m and u["subject"] == s), None)
                            for s in sorted({u["subject"] for u in unseen})]])
     out_md += ["", "## Variants of the blind standardisation (the same cases)", "",

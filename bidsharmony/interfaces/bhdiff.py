@@ -6,27 +6,21 @@ import json
 import os
 import time
 
-from nipype.interfaces.base import BaseInterfaceInputSpec, Directory, File, SimpleInterface, TraitedSpec, traits
+from nipype.interfaces.base import Directory, SimpleInterface, traits
+
+from bidsharmony.interfaces.volumetric import VolumeInputSpec, VolumeOutputSpec
 
 
-class _BHDiffInputSpec(BaseInterfaceInputSpec):
-    in_file = File(exists=True, mandatory=True, desc="canonical 1.2 mm volume (the resample node's output)")
+class _BHDiffInputSpec(VolumeInputSpec):
     model = Directory(exists=True, mandatory=True, desc="bhdiff model folder")
     params = traits.Dict(mandatory=True, desc="BHDiffParams fields")
     device = traits.Str("auto", usedefault=True)
     num_threads = traits.Int(1, usedefault=True)
 
 
-class _BHDiffOutputSpec(TraitedSpec):
-    out_file = File(exists=True, desc="harmonized volume on the same 1.2 mm grid")
-    info = traits.Dict()
-    trace = File(exists=True, desc="Pearson r with the source through the refinement (.json)")
-    histograms = File(exists=True, desc="slice-intensity densities before/after and the model's target (.json)")
-
-
 class BHDiffHarmonize(SimpleInterface):
     input_spec = _BHDiffInputSpec
-    output_spec = _BHDiffOutputSpec
+    output_spec = VolumeOutputSpec  # trace: Pearson r with the source through the refinement
 
     def _run_interface(self, runtime):
         import nibabel as nb

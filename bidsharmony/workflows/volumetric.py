@@ -11,8 +11,8 @@ from bidsharmony.interfaces.slicing import Reassemble
 
 
 def init_volume_wf(harmonize: pe.Node, *, output_space: str = "native", omp_nthreads: int = 1, name: str):
-    """Wrap ``harmonize`` (a node named ``harmonize`` whose ``in_file`` is the canonical 1.2 mm
-    volume and whose outputs are ``out_file``, ``info``, ``trace`` and ``histograms``).
+    """Wrap ``harmonize``, a node named ``harmonize`` whose interface declares
+    ``interfaces.volumetric.VolumeInputSpec`` and ``VolumeOutputSpec``.
 
     Inputs: ``t1w``. Outputs: ``harmonized`` (NIfTI, native grid or 1.2 mm), ``info``, ``trace``,
     ``histograms`` (as ``init_harmonize_wf``).

@@ -5,25 +5,16 @@ from __future__ import annotations
 import json
 import os
 
-from nipype.interfaces.base import BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec, traits
+from nipype.interfaces.base import SimpleInterface
 
-
-class _IdentityInputSpec(BaseInterfaceInputSpec):
-    in_file = File(exists=True, mandatory=True, desc="canonical 1.2 mm volume (the resample node's output)")
-
-
-class _IdentityOutputSpec(TraitedSpec):
-    out_file = File(exists=True, desc="the same volume")
-    info = traits.Dict()
-    trace = File(exists=True, desc="an empty trace (.json)")
-    histograms = File(exists=True, desc="slice-intensity densities, before = after (.json)")
+from bidsharmony.interfaces.volumetric import VolumeInputSpec, VolumeOutputSpec
 
 
 class IdentityHarmonize(SimpleInterface):
     """The harmonization node's outputs for a volume left as it is."""
 
-    input_spec = _IdentityInputSpec
-    output_spec = _IdentityOutputSpec
+    input_spec = VolumeInputSpec
+    output_spec = VolumeOutputSpec  # out_file: the same volume; trace: empty
 
     def _run_interface(self, runtime):
         import nibabel as nb

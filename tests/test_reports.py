@@ -284,6 +284,32 @@ _TWO_FRAMES = ("new Promise(done => { requestAnimationFrame(() => requestAnimati
 _LAYERS = "[...document.querySelectorAll('g.layer')].map(g => [g.classList[1], getComputedStyle(g).opacity])"
 
 
+def test_the_before_after_view_swaps_on_click_and_enter_in_chromium(participant_run, tmp_path):
+    """The flip logic itself, in Chromium, with events dispatched inside the SVG's own document
+    (no pointer, so it does not depend on hover reaching the frame): at rest the input shows; a
+    click or Enter swaps to the harmonized image and back; the two layers differ."""
+    out = _copy(participant_run, tmp_path)
+    with Browser(chromium(), 1100, 900) as b:
+        b.goto((out / "sub-01.html").as_uri())
+        frames = [f for f in b.frames() if f["url"].endswith("_desc-beforeafter_T1w.svg")]
+        assert len(frames) == 2
+        ctx = b.frame_context(frames[0]["id"])
+
+        def shown():
+            layers = dict(b.js(_LAYERS, ctx))
+            visible = [name for name, opacity in layers.items() if float(opacity) > 0.5]
+            assert len(layers) == 2 and len(visible) == 1, layers
+            return visible[0].removeprefix("layer-")
+
+        click = "document.documentElement.dispatchEvent(new MouseEvent('click', {bubbles: true})), true"
+        enter = "document.documentElement.dispatchEvent(new KeyboardEvent('keydown', {key: 'Enter', bubbles: true})), true"
+        states = [shown()]
+        for action in (click, click, enter, enter):
+            b.js(action, ctx)
+            states.append(shown())
+        assert states == ["before", "after", "before", "after", "before"]
+
+
 @pytest.mark.xfail(strict=False, reason="headless Chromium 150 (Debian's) delivers no hover into the report's <object> SVG: "
                    "':hover' stays false after repeated mouse moves over it, and over file:// the frame paints no animation "
                    "frames at all (measured 2026-12-06); it passed with the same code earlier the same day. Kept running, so that "

@@ -200,7 +200,7 @@ def harmonize_slices(
     ``start`` (N, H, W) is x_0; ``None`` starts from the source itself.
     """
     params.validate()
-    if source.shape[0] == 0:
+    if source.shape[0] == 0 or (params.iterations == 0 and start is None):  # nothing to run (the default: no loop)
         return source.clone()
     src = source.to(device=device, dtype=torch.float32)[:, None]
     x = (src if start is None else start.to(device=device, dtype=torch.float32)[:, None]).clone()

@@ -40,6 +40,24 @@ def test_without_any_force_the_loop_returns_its_start(flow, source, use_start):
     assert (out - quantise(expected) / 4095).abs().max().item() <= 1.5 / 4095
 
 
+@pytest.mark.parametrize("solver", ["alternating", "latent"])
+def test_no_iterations_return_the_source_exactly_and_leave_the_flow_alone(flow, source, solver):
+    """The default (0 iterations): the slices as given, bit for bit, with no flow pass (a flow
+    that raises proves it); with a start image the start is what comes back, as before."""
+
+    class Untouchable(nn.Module):
+        def forward(self, *a):
+            raise AssertionError("the flow ran")
+
+        inverse = forward
+
+    p = HarmonizeParams(iterations=0, solver=solver)
+    assert torch.equal(harmonize_slices(Untouchable(), source, p), source)
+    start = torch.rand_like(source)
+    out = harmonize_slices(flow, source, HarmonizeParams(iterations=0), start=start)
+    assert torch.equal(out, start)
+
+
 def test_same_seed_same_output_and_batch_size_does_not_matter(flow, source):
     p = HarmonizeParams(iterations=3, batch_size=12, seed=7)
     a = harmonize_slices(flow, source, p)

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from .conftest import RUN_OPTIONS
+
 START_CLUSTER = Path(__file__).parent / "slurm" / "start-cluster.sh"
 
 
@@ -68,7 +70,7 @@ def test_two_subjects_through_slurm_give_the_multiproc_outputs(participant_run, 
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "bidsharmony", str(participant_run["bids"]), str(out), "participant",
            "--model", str(tiny_model), "--use-plugin", str(plugin), "--omp-nthreads", "1", "--nprocs", "2",
-           "-w", str(tmp_path / "work"), "--device", "cpu", "--participant-label", "01", "02"]
+           "-w", str(tmp_path / "work"), "--device", "cpu", "--participant-label", "01", "02", *RUN_OPTIONS]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     # Nipype writes one batch script per node it submits, and SLURM one log per job, into batch/.

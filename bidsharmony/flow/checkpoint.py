@@ -122,6 +122,19 @@ def model_landmarks(folder) -> tuple:
     return landmarks.double().numpy(), percentiles
 
 
+def model_detail_band(folder):
+    """The (min, mean, max) detail band of a model folder (``bidsharmony.image.detail``), or None
+    where the model has none (fitted before detail matching existed)."""
+    from bidsharmony.image.detail import BAND
+
+    band = read_folder(folder)[1].get(f"extra.{BAND}")
+    if band is None:
+        return None
+    if band.ndim != 1 or band.numel() != 3:
+        raise ModelError(f"{Path(folder) / WEIGHTS}: extra.{BAND} holds {band.numel()} values, not (min, mean, max)")
+    return band.double().numpy()
+
+
 def has_landmarks(cfg: dict) -> bool:
     """Whether a model's config says it standardises intensities (read without the weights)."""
     return bool((cfg.get("preprocessing") or {}).get("standardisation"))

@@ -24,6 +24,7 @@ LOG = logging.getLogger("bidsharmony")
 SOLVERS = ("alternating", "latent")
 STARTS = ("source", "mean")
 STANDARDISATIONS = ("auto", "landmarks", "none")  # auto: landmarks where the model has them
+DETAILS = ("auto", "match", "none")
 
 
 @dataclass
@@ -49,6 +50,8 @@ class HarmonizeParams:
     seed: int = 0
     # Before slicing, map the volume onto the model's standard intensity scale (docs/method.md §7).
     standardise: str = "auto"
+    # After it, denoise or sharpen the volume until its detail level is the target's (docs/method.md §8).
+    detail: str = "auto"
 
     def validate(self) -> "HarmonizeParams":
         if self.similarity not in SIMILARITIES:
@@ -59,6 +62,8 @@ class HarmonizeParams:
             raise ValueError(f"start must be one of {STARTS}, not {self.start!r}")
         if self.standardise not in STANDARDISATIONS:
             raise ValueError(f"standardise must be one of {STANDARDISATIONS}, not {self.standardise!r}")
+        if self.detail not in DETAILS:
+            raise ValueError(f"detail must be one of {DETAILS}, not {self.detail!r}")
         if self.iterations < 0 or self.batch_size < 1:
             raise ValueError("iterations must be >= 0 and batch size >= 1")
         return self

@@ -44,6 +44,7 @@ class _ReassembleInputSpec(BaseInterfaceInputSpec):
     in_file = File(exists=True, mandatory=True, desc="the original T1w (native grid, header)")
     output_space = traits.Enum("native", "harmonization", usedefault=True)
     standardisation = File(exists=True, desc="the intensity map ``resampled`` went through (.json): applied to the native voxels too")
+    native = File(exists=True, desc="or: the native voxels already standardised and detail-matched (Standardise's native_file)")
 
 
 class _ReassembleOutputSpec(TraitedSpec):
@@ -88,7 +89,9 @@ class Reassemble(SimpleInterface):
             img.header.set_xyzt_units("mm")
         else:
             orig, data = load_t1w(self.inputs.in_file)
-            if isdefined(self.inputs.standardisation):
+            if isdefined(self.inputs.native):
+                data = np.asanyarray(nb.load(self.inputs.native).dataobj, dtype=np.float32)
+            elif isdefined(self.inputs.standardisation):
                 import json
 
                 from bidsharmony.image.standardise import apply_record

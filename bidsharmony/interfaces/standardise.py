@@ -1,23 +1,28 @@
-"""Blind intensity standardisation of the resampled volume onto the model's standard scale."""
+"""Blind intensity standardisation of the resampled volume onto the model's standard scale, then
+(where the model holds a detail band) detail matching of the native voxels."""
 
 from __future__ import annotations
 
 import json
 import os
 
-from nipype.interfaces.base import BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec, traits
+from nipype.interfaces.base import BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec, isdefined, traits
 
 
 class _StandardiseInputSpec(BaseInterfaceInputSpec):
     in_file = File(exists=True, mandatory=True, desc="canonical isotropic volume (the resample node's output)")
     standard = traits.List(traits.Float, mandatory=True, desc="the model's standard landmarks (read once, when the workflow is built)")
     percentiles = traits.List(traits.Float, mandatory=True, desc="the percentiles they are of")
-    source = traits.Str("", usedefault=True, desc="the original T1w, named in errors")
+    source = traits.Str("", usedefault=True, desc="the original T1w, named in errors (and read, to match its detail)")
+    band = traits.List(traits.Float, minlen=3, maxlen=3, desc="the model's detail band (min, mean, max): when given, the "
+                       "native voxels are standardised and detail-matched here (``bidsharmony.image.detail``)")
 
 
 class _StandardiseOutputSpec(TraitedSpec):
     out_file = File(exists=True, desc="the volume on the model's standard scale")
-    standardisation = File(exists=True, desc="the map: percentiles, source and standard landmarks (.json)")
+    standardisation = File(exists=True, desc="the map: percentiles, source and standard landmarks (.json), and the "
+                           "detail matching's record under Detail")
+    native_file = File(exists=True, desc="with a band: the native voxels standardised and detail-matched (what Reassemble starts from)")
 
 
 class Standardise(SimpleInterface):
@@ -41,11 +46,47 @@ class Standardise(SimpleInterface):
             source = std.volume_landmarks(volume, percentiles, img.header.get_zooms()[:3])
         except ValueError as e:
             raise ImageError(f"{self.inputs.source or self.inputs.in_file}: cannot standardise its intensities ({e})") from None
-        out = nb.Nifti1Image(std.standardise(volume, standard, percentiles, source_landmarks=source), img.affine)
+        standardised = std.standardise(volume, standard, percentiles, source_landmarks=source)
+        record = std.record(source, standard, percentiles)
+        if isdefined(self.inputs.band):
+            standardised, record["Detail"] = self._match_detail(standardised, img.affine, record, runtime)
+        out = nb.Nifti1Image(standardised, img.affine)
         out.header.set_xyzt_units("mm")
         self._results["out_file"] = os.path.join(runtime.cwd, "standardised.nii.gz")
         out.to_filename(self._results["out_file"])
         self._results["standardisation"] = os.path.join(runtime.cwd, "standardisation.json")
         with open(self._results["standardisation"], "w") as f:
-            json.dump(std.record(source, standard, percentiles), f)
+            json.dump(record, f)
         return runtime
+
+    def _match_detail(self, standardised, affine, record, runtime):
+        """Standardise the native voxels with the same map, match their detail level on this grid;
+        returns (this grid's volume: unchanged where the level was in the band, else the matched
+        native volume resampled here; the matching's record)."""
+        import nibabel as nb
+        import numpy as np
+
+        from bidsharmony.errors import ImageError
+        from bidsharmony.image.detail import detail_level, match_detail
+        from bidsharmony.image.io import load_t1w
+        from bidsharmony.image.resample import resample_onto
+        from bidsharmony.image.standardise import apply_record
+
+        if not self.inputs.source:
+            raise ValueError("Standardise: a detail band needs the original T1w as source")
+        orig, data = load_t1w(self.inputs.source)
+        native = apply_record(data, record)
+        zooms = tuple(float(z) for z in nb.affines.voxel_sizes(affine))
+        try:
+            level = detail_level(standardised, zooms)
+            native, detail = match_detail(native, orig.affine, self.inputs.band, (standardised.shape, affine), level=level)
+        except ValueError as e:
+            raise ImageError(f"{self.inputs.source}: cannot measure its detail level ({e})") from None
+        if detail["Action"] != "none":
+            standardised = resample_onto(native, orig.affine, standardised.shape, affine)
+        self._results["native_file"] = os.path.join(runtime.cwd, "native.nii.gz")
+        img = nb.Nifti1Image(native.astype(np.float32), orig.affine, header=orig.header)
+        img.header.set_data_dtype(np.float32)
+        img.header.set_slope_inter(1.0, 0.0)
+        img.to_filename(self._results["native_file"])
+        return standardised.astype(np.float32), detail

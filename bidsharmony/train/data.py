@@ -46,6 +46,23 @@ def target_landmarks(prepared, subjects: set) -> tuple[np.ndarray, int]:
         raise BidsHarmonyError(f"cannot fit the target's intensity landmarks: {e}") from None
 
 
+def target_detail_band(prepared, subjects: set, landmarks) -> np.ndarray:
+    """(min, mean, max) detail level (``bidsharmony.image.detail``) of the resampled volumes of
+    ``subjects``, each standardised onto ``landmarks`` first, as harmonization measures a source."""
+    import nibabel as nb
+
+    from bidsharmony.image.detail import detail_level, fit_band
+    from bidsharmony.image.standardise import standardise
+
+    levels = []
+    for subject, _, _, path in prepared:
+        if subject in subjects:
+            img = nb.load(path)
+            zooms = img.header.get_zooms()[:3]
+            levels.append(detail_level(standardise(np.asanyarray(img.dataobj, dtype=np.float32), landmarks, zooms=zooms), zooms))
+    return fit_band(levels)
+
+
 def load_slice_set(items) -> SliceSet:
     """items: iterable of (subject, slices.npy, record.npz). Keeps the slices that hold head."""
     from bidsharmony.flow.scaling import LEVELS

@@ -19,19 +19,21 @@ from bidsharmony.interfaces.slicing import Reassemble, SliceVolume
 from bidsharmony.interfaces.standardise import Standardise
 
 
-def init_slices_wf(*, voxel_size: float = 1.2, grid_shape=(144, 176), omp_nthreads: int = 1, model=None, name: str = "slices_wf"):
-    """T1w -> canonical isotropic volume [-> standardised onto ``model``'s landmarks] ->
-    normalised slices on the model grid.
+def init_slices_wf(*, voxel_size: float = 1.2, grid_shape=(144, 176), omp_nthreads: int = 1, model=None, detail_band=None,
+                   name: str = "slices_wf"):
+    """T1w -> canonical isotropic volume [-> standardised onto ``model``'s landmarks [-> detail-matched
+    to ``detail_band``]] -> normalised slices on the model grid.
 
     The same nodes feed training and harmonization, so both see identical inputs.
 
     Inputs: ``t1w``. Outputs: ``resampled`` (NIfTI: the volume the slices were cut from, standardised
     when ``model`` is given), ``slices`` (.npy), ``record`` (.npz); with ``model`` also
-    ``unstandardised`` (the resampled volume before the map) and ``standardisation`` (the map, JSON).
+    ``unstandardised`` (the resampled volume before the map) and ``standardisation`` (the map, JSON);
+    with ``detail_band`` also ``native`` (the native voxels standardised and detail-matched).
     """
     wf = pe.Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(fields=["t1w"]), name="inputnode")
-    outputnode = pe.Node(niu.IdentityInterface(fields=["resampled", "slices", "record", "unstandardised", "standardisation"]),
+    outputnode = pe.Node(niu.IdentityInterface(fields=["resampled", "slices", "record", "unstandardised", "standardisation", "native"]),
                          name="outputnode")
     resample = pe.Node(
         ResampleToHarmonizationSpace(voxel_size=voxel_size, num_threads=omp_nthreads),
@@ -55,6 +57,9 @@ def init_slices_wf(*, voxel_size: float = 1.2, grid_shape=(144, 176), omp_nthrea
 
         raise ModelError(f"{model}: the model has no intensity landmarks in its weights; retrain it or pass --standardise none")
     standardise = pe.Node(Standardise(standard=[float(x) for x in standard], percentiles=percentiles), name="standardise", mem_gb=1.5)
+    if detail_band is not None:
+        standardise.inputs.band = [float(x) for x in detail_band]
+        wf.connect([(standardise, outputnode, [("native_file", "native")])])
     wf.connect([
         (inputnode, standardise, [("t1w", "source")]),
         (resample, standardise, [("out_file", "in_file")]),
@@ -71,6 +76,27 @@ def harmonize_mem_gb(model_config: dict, batch_size: int) -> float:
     h, w = arch.get("slice_shape", (144, 176))
     per_slice = arch.get("hidden", 96) * (h // 2) * (w // 2) * 4 * 12  # ~12 live feature maps
     return round(1.0 + batch_size * per_slice / 1e9, 1)
+
+
+def resolve_detail(requested: str, standardise: str, model):
+    """(``match`` or ``none``, the model's band or None): ``auto`` matches where the model holds a
+    detail band and the volume is standardised (the band is on the standard scale)."""
+    from bidsharmony.errors import ModelError
+    from bidsharmony.flow.checkpoint import model_detail_band
+
+    if requested == "none":
+        return "none", None
+    if standardise != "landmarks":
+        if requested == "match":
+            raise ModelError(f"{model}: --detail match needs the standardisation (its band is on the standard scale); "
+                             "drop --standardise none or pass --detail none")
+        return "none", None
+    band = model_detail_band(model)
+    if band is None:
+        if requested == "match":
+            raise ModelError(f"{model}: the model has no detail band; refit it (bench/fit_landmarks.py) or pass --detail none")
+        return "none", None
+    return "match", band
 
 
 def resolve_standardise(requested: str, config: dict, model) -> str:
@@ -124,6 +150,7 @@ def init_harmonize_wf(
     config = read_config(model)
     params = HarmonizeParams(**(params or {})).validate()
     params.standardise = resolve_standardise(params.standardise, config, model)
+    params.detail, band = resolve_detail(params.detail, params.standardise, model)
     params = params.to_dict()
     prep = config.get("preprocessing", {})
     wf = pe.Workflow(name=name)
@@ -134,6 +161,7 @@ def init_harmonize_wf(
         grid_shape=tuple(config["architecture"]["slice_shape"]),
         omp_nthreads=omp_nthreads,
         model=model if params["standardise"] == "landmarks" else None,
+        detail_band=band,
     )
     harmonize = pe.Node(
         Harmonize(model=str(model), params=params, device=device, num_threads=omp_nthreads),
@@ -156,4 +184,6 @@ def init_harmonize_wf(
             (slices_wf, harmonize, [("outputnode.standardisation", "standardisation"), ("outputnode.unstandardised", "unstandardised")]),
             (slices_wf, reassemble, [("outputnode.standardisation", "standardisation")]),
         ])  # fmt: skip
+    if params["detail"] == "match":
+        wf.connect([(slices_wf, reassemble, [("outputnode.native", "native")])])
     return wf

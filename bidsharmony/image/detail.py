@@ -1,0 +1,181 @@
+"""Blind detail matching: denoise or sharpen a standardised volume until its fine-scale level is the target's.
+
+Stage 1 (``standardise``) puts a volume on the target's intensity scale; it cannot change how
+noisy or how sharp the image is. A scanner with more noise, or thicker slices and a softer point
+spread, leaves a volume whose *detail level* is off the target's, however its histogram is mapped.
+
+Detail level of a volume v (``detail_level``): the robust standard deviation of the 6-neighbour
+residual r = v − mean(6 face neighbours), σ = 1.4826 · MAD(r) / √(1 + 1/6) (white noise of
+variance s² gives σ ≈ s), divided by the median gradient magnitude at COARSE_MM (the anatomy's
+edges), both over the landmark region (``standardise.landmark_region``, a blind stand-in for the
+brain). Noise raises it; blur lowers it; a monotone change of intensities scales the fine residual
+and the edges alike and leaves it almost unchanged (a level in absolute units sent γ = 1.5 above
+the target's band, and denoising it cost 2 dB). It is measured on the pipeline's 1.2 mm grid after
+standardisation, so a source's level and the target's are comparable whatever voxel size was
+acquired.
+
+Training (``fit_band``): the target's levels over its TRAIN volumes give a band (min, mean, max).
+
+Matching (``match_detail``): a volume whose level lies inside the band is left exactly as it is.
+Above the band it is blended towards a non-local-means denoising of itself, u = v + w (NLM(v) − v),
+w ∈ [0, 1]; below it, sharpened by an unsharp mask, u = v + a (v − G_σ v), a ∈ [0, A_MAX], G_σ a
+Gaussian of SIGMA_MM. The weight is found by bisection so that the level of u (resampled to the
+grid the level is defined on) equals the band's mean. Both act volume-wide in 3D, on the voxels
+they are given (the native grid: the output the user reads is not a resampling of the filtered
+image), and are deterministic.
+
+Measured on held-out TRAIN subjects under the benchmark's simulated scanners (``bench/detail_probe.py``):
+see docs/method.md §8 and docs/benchmarks/.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import numpy as np
+from scipy import ndimage
+
+from bidsharmony.image.standardise import VOXEL_MM, landmark_region
+
+BAND = "detail_band"  # a model folder's extra tensor: (min, mean, max) detail level of the target's TRAIN volumes
+SIGMA_MM = 1.6  # the unsharp mask's Gaussian: about one 1.2 mm voxel's worth of blur, in mm
+A_MAX = 4.0  # the strongest sharpening allowed: beyond it, noise is amplified more than detail restored
+COARSE_MM = 3.0  # the scale of the anatomy's edges the fine residual is measured against
+STEPS = 12  # bisection steps: the weight to 1/4096 of its range
+
+_NEIGHBOURS = np.zeros((3, 3, 3))
+_NEIGHBOURS[1, 1, 1] = 1.0
+for _axis in range(3):
+    for _side in (0, 2):
+        _index = [1, 1, 1]
+        _index[_axis] = _side
+        _NEIGHBOURS[tuple(_index)] = -1.0 / 6.0
+
+
+def detail_level(volume: np.ndarray, zooms=VOXEL_MM, region: np.ndarray | None = None) -> float:
+    """Robust σ of the 6-neighbour residual over the median gradient magnitude at COARSE_MM, over
+    ``region`` (default: the landmark region)."""
+    v = np.asarray(volume, np.float32)
+    mask = landmark_region(v, zooms) if region is None else region
+    if not mask.any():
+        raise ValueError("no landmark region to measure the detail level in")
+    r = ndimage.convolve(v, _NEIGHBOURS.astype(np.float32), mode="nearest")[mask].astype(np.float64)
+    fine = float(1.4826 * np.median(np.abs(r - np.median(r))) / np.sqrt(1.0 + 1.0 / 6.0))
+    g = ndimage.gaussian_gradient_magnitude(v, [COARSE_MM / float(z) for z in zooms])[mask]
+    return fine / float(np.median(g))
+
+
+def fit_band(levels: Iterable[float]) -> np.ndarray:
+    """(min, mean, max) of the target's training levels: inside it, a volume is left alone."""
+    x = np.asarray(list(levels), np.float64)
+    if x.size == 0:
+        raise ValueError("fit_band needs at least one training level")
+    return np.array([x.min(), x.mean(), x.max()])
+
+
+def model_entry(volumes: int) -> dict:
+    """What a model's ``config.json`` says about its detail band (``preprocessing.detail``); the
+    band itself is the weights file's ``extra.detail_band``, under its sha256."""
+    return {"method": "detail-level matching", "level": f"6-neighbour residual / gradient magnitude at {COARSE_MM:g} mm",
+            "denoiser": "ANTs non-local means (Rician)", "sharpening": f"unsharp mask, Gaussian {SIGMA_MM:g} mm, at most ×{A_MAX:g}",
+            "volumes": int(volumes)}
+
+
+def _bisect(level_of: Callable[[float], float], target: float, lo: float, hi: float, rising: bool) -> float:
+    """The weight in [lo, hi] whose level is ``target`` (level_of monotone: rising or falling in w)."""
+    if (level_of(hi) <= target) if rising else (level_of(hi) >= target):
+        return hi  # even the strongest allowed cannot reach it
+    for _ in range(STEPS):
+        mid = 0.5 * (lo + hi)
+        if (level_of(mid) < target) == rising:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
+
+
+def denoise(volume: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """ANTs' adaptive non-local means (Manjón et al., 2010; Rician model) over the head.
+
+    Run in a child process started with one ITK thread: multi-threaded runs differ from each other
+    (by up to 5 % of the range, measured), ITK fixes its thread count when it first runs in a
+    process, and an output must be a function of its input and parameters."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory(prefix="bidsharmony-nlm-") as tmp:
+        np.save(Path(tmp) / "in.npy", np.asarray(volume, np.float32))
+        np.save(Path(tmp) / "affine.npy", np.asarray(affine, np.float64))
+        env = {**os.environ, "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS": "1"}
+        proc = subprocess.run([sys.executable, "-m", "bidsharmony.image.detail", tmp], env=env, capture_output=True, text=True, check=False)
+        if proc.returncode:
+            raise RuntimeError(f"non-local-means denoising failed: {proc.stderr.strip()[-500:]}")
+        return np.load(Path(tmp) / "out.npy")
+
+
+def _denoise_here(folder) -> None:
+    """The child process of ``denoise``: in.npy, affine.npy → out.npy in ``folder``."""
+    from pathlib import Path
+
+    import ants
+
+    from bidsharmony.image.resample import to_ants
+    from bidsharmony.image.slices import head_mask
+
+    v, affine = np.load(Path(folder) / "in.npy"), np.load(Path(folder) / "affine.npy")
+    mask = to_ants(head_mask(v).astype(np.float32), affine)
+    out = ants.denoise_image(to_ants(v - v.min(), affine), mask, noise_model="Rician").numpy()
+    np.save(Path(folder) / "out.npy", out.astype(np.float32) + v.min())
+
+
+def match_detail(volume: np.ndarray, affine: np.ndarray, band, grid: tuple[tuple[int, ...], np.ndarray],
+                 level: float | None = None) -> tuple[np.ndarray, dict]:
+    """Bring a standardised volume's detail level into the target's ``band`` (``fit_band``).
+
+    ``volume``/``affine``: the voxels to change (the native grid, standardised). ``grid``: (shape,
+    affine) of the grid the level is defined on (the pipeline's 1.2 mm grid); ``level``: the
+    volume's level there, if already measured. Returns (the volume, changed or not; the record a
+    sidecar states: level, band, action, weight and level reached)."""
+    from bidsharmony.image.resample import resample_onto
+
+    lo, mean, hi = (float(x) for x in band)
+    shape, grid_affine = grid
+    v = np.asarray(volume, np.float32)
+    zooms = tuple(float(z) for z in np.sqrt((np.asarray(grid_affine)[:3, :3] ** 2).sum(axis=0)))
+
+    def on_grid(x):
+        return resample_onto(x, affine, shape, grid_affine)
+
+    region = landmark_region(on_grid(v), zooms)
+    if level is None:
+        level = detail_level(on_grid(v), zooms, region)
+    rec = {"Method": "detail-level matching", "Level": level, "Band": [lo, mean, hi], "Action": "none", "Weight": 0.0,
+           "LevelReached": level}
+    if lo <= level <= hi:
+        return v, rec
+    if level > hi:
+        smooth, rising, top, rec["Action"] = denoise(v, affine), False, 1.0, "denoise"
+        direction = smooth - v
+    else:
+        voxel = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
+        smooth, rising, top, rec["Action"] = ndimage.gaussian_filter(v, SIGMA_MM / voxel), True, A_MAX, "sharpen"
+        direction = v - smooth
+    levels: dict[float, float] = {}
+
+    def level_of(w: float) -> float:
+        if w not in levels:
+            levels[w] = detail_level(on_grid(v + w * direction), zooms, region)
+        return levels[w]
+
+    w = _bisect(level_of, mean, 0.0, top, rising)
+    rec.update(Weight=float(w), LevelReached=level_of(w))
+    return (v + w * direction).astype(np.float32), rec
+
+
+if __name__ == "__main__":
+    import sys
+
+    _denoise_here(sys.argv[1])

@@ -4,9 +4,10 @@ report writer."""
 
 LOOP = ["--iterations", "10"]  # the published loop's length (the default runs none)
 ABLATIONS = {
-    # The default is the standardisation alone; each row adds or changes one thing.
-    "loop": ("standardisation + the published loop (10 iterations)", LOOP),
-    "published": ("the published method (no standardisation, the loop)", ["--standardise", "none", *LOOP]),
+    # The default is the standardisation and detail matching; each row removes, adds or changes one thing.
+    "standardise": ("the standardisation alone (no detail matching)", ["--detail", "none"]),
+    "loop": ("standardisation + detail matching + the published loop (10 iterations)", LOOP),
+    "published": ("the published method (no standardisation, no detail matching, the loop)", ["--standardise", "none", *LOOP]),
     "beta_fid0": ("loop, β_fid = 0", [*LOOP, "--beta-fidelity", "0"]),
     "beta_grad0": ("loop, β_grad = 0", [*LOOP, "--beta-gradient", "0"]),
     "alpha0": ("loop, α = 0", [*LOOP, "--alpha", "0"]),

@@ -61,7 +61,7 @@ def test_training_fits_the_landmarks_on_its_training_volumes_only(tiny_model, ex
 
 def test_the_output_lands_on_the_standard_landmarks(tiny_model, example_bids, tmp_path):
     """On the harmonization grid, with the loop off, the output's own landmarks are the model's."""
-    out, info = _harmonize(tiny_model, _t1w(example_bids, "2"), tmp_path, output_space="harmonization")
+    out, info = _harmonize(tiny_model, _t1w(example_bids, "2"), tmp_path, output_space="harmonization", detail="none")
     standard, percentiles = model_landmarks(tiny_model)
     img = nb.load(out)
     np.testing.assert_allclose(volume_landmarks(np.asanyarray(img.dataobj, np.float32), percentiles, img.header.get_zooms()[:3]),
@@ -74,7 +74,7 @@ def test_native_output_is_the_input_through_the_recorded_map(tiny_model, example
     """On the native grid the input's own voxels go through the map (not a resampled copy): with the
     loop off the output is exactly the map of the input, a monotone function of it."""
     t1w = _t1w(example_bids, "1")
-    out, info = _harmonize(tiny_model, t1w, tmp_path)
+    out, info = _harmonize(tiny_model, t1w, tmp_path, detail="none")
     data = load_t1w(t1w)[1]
     got = np.asanyarray(nb.load(out).dataobj, np.float32)
     np.testing.assert_allclose(got, apply_record(data, info["Standardisation"]), atol=1e-3 * SCALE)
@@ -94,7 +94,8 @@ def test_two_scanners_of_one_head_agree_better_after_standardisation(tiny_model,
     two standardised outputs differ less than the two inputs, each scaled the same way (by its own
     99th head percentile). Bias and noise, which a monotone map cannot undo, dominate this small
     example: the gain is modest (13 % measured), and the bound leaves room for it."""
-    outs = [np.asanyarray(nb.load(_harmonize(tiny_model, _t1w(example_bids, s), tmp_path / s)[0]).dataobj, np.float32) for s in "12"]
+    outs = [np.asanyarray(nb.load(_harmonize(tiny_model, _t1w(example_bids, s), tmp_path / s, detail="none")[0]).dataobj, np.float32)
+            for s in "12"]
     ins = [load_t1w(_t1w(example_bids, s))[1] for s in "12"]
     head = ins[0] > np.percentile(ins[0], 50)
 

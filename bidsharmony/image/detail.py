@@ -131,13 +131,12 @@ def _denoise_here(folder) -> None:
     np.save(Path(folder) / "out.npy", out.astype(np.float32) + v.min())
 
 
-def match_detail(volume: np.ndarray, affine: np.ndarray, band, grid: tuple[tuple[int, ...], np.ndarray],
-                 level: float | None = None) -> tuple[np.ndarray, dict]:
+def match_detail(volume: np.ndarray, affine: np.ndarray, band, grid: tuple[tuple[int, ...], np.ndarray]) -> tuple[np.ndarray, dict]:
     """Bring a standardised volume's detail level into the target's ``band`` (``fit_band``).
 
     ``volume``/``affine``: the voxels to change (the native grid, standardised). ``grid``: (shape,
-    affine) of the grid the level is defined on (the pipeline's 1.2 mm grid); ``level``: the
-    volume's level there, if already measured. Returns (the volume, changed or not; the record a
+    affine) of the grid the level is defined on (the pipeline's 1.2 mm grid): every level, the
+    volume's own included, is measured on the volume resampled there. Returns (the volume, changed or not; the record a
     sidecar states: level, band, action, weight and level reached)."""
     from bidsharmony.image.resample import resample_onto
 
@@ -149,9 +148,9 @@ def match_detail(volume: np.ndarray, affine: np.ndarray, band, grid: tuple[tuple
     def on_grid(x):
         return resample_onto(x, affine, shape, grid_affine)
 
-    region = landmark_region(on_grid(v), zooms)
-    if level is None:
-        level = detail_level(on_grid(v), zooms, region)
+    start = on_grid(v)
+    region = landmark_region(start, zooms)
+    level = detail_level(start, zooms, region)
     rec = {"Method": "detail-level matching", "Level": level, "Band": [lo, mean, hi], "Action": "none", "Weight": 0.0,
            "LevelReached": level}
     if lo <= level <= hi:

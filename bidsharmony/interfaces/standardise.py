@@ -67,7 +67,7 @@ class Standardise(SimpleInterface):
         import numpy as np
 
         from bidsharmony.errors import ImageError
-        from bidsharmony.image.detail import detail_level, match_detail
+        from bidsharmony.image.detail import match_detail
         from bidsharmony.image.io import load_t1w
         from bidsharmony.image.resample import resample_onto
         from bidsharmony.image.standardise import apply_record
@@ -76,10 +76,8 @@ class Standardise(SimpleInterface):
             raise ValueError("Standardise: a detail band needs the original T1w as source")
         orig, data = load_t1w(self.inputs.source)
         native = apply_record(data, record)
-        zooms = tuple(float(z) for z in nb.affines.voxel_sizes(affine))
         try:
-            level = detail_level(standardised, zooms)
-            native, detail = match_detail(native, orig.affine, self.inputs.band, (standardised.shape, affine), level=level)
+            native, detail = match_detail(native, orig.affine, self.inputs.band, (standardised.shape, affine))
         except ValueError as e:
             raise ImageError(f"{self.inputs.source}: cannot measure its detail level ({e})") from None
         if detail["Action"] != "none":

@@ -42,6 +42,14 @@ REFERENCES = {
         "  journal = {{IEEE Transactions on Medical Imaging}},\n  volume = {{19}},\n  number = {{2}},\n  pages = {{143--150}},\n"
         "  year = {{2000}}\n}}",
     ),
+    "manjon": (
+        "Manjón JV, Coupé P, Martí-Bonmatí L, Collins DL, Robles M. Adaptive non-local means denoising of MR images with "
+        "spatially varying noise levels. Journal of Magnetic Resonance Imaging 31(1):192-203, 2010. doi:10.1002/jmri.22003",
+        "@article{{manjon2010adaptive,\n  author = {{Manj{{\\'o}}n, Jos{{\\'e}} V. and Coup{{\\'e}}, Pierrick and "
+        "Mart{{\\'i}}-Bonmat{{\\'i}}, Luis and Collins, D. Louis and Robles, Montserrat}},\n  title = {{Adaptive non-local means "
+        "denoising of {{MR}} images with spatially varying noise levels}},\n  journal = {{Journal of Magnetic Resonance Imaging}},\n"
+        "  volume = {{31}},\n  number = {{1}},\n  pages = {{192--203}},\n  year = {{2010}},\n  doi = {{10.1002/jmri.22003}}\n}}",
+    ),
     "nsf": (
         "Durkan C, Bekasov A, Murray I, Papamakarios G. Neural spline flows. "
         "Advances in Neural Information Processing Systems 32 (NeurIPS), 2019",
@@ -109,7 +117,9 @@ def _v(versions: dict, name: str) -> str:
 def _flow_text(meta: dict, p: dict, model: dict) -> str:
     if not p.get("iterations"):
         return ("The flow prior's harmonization loop was not run (0 iterations, bidsharmony's default: on its benchmark the loop "
-                "lowered the accuracy of standardised images), so the output is the standardised image."
+                "lowered the accuracy of standardised images), so the output is the standardised image"
+                + (" after its detail matching." if (meta.get("Standardisation") or {}).get("Detail", {}).get("Action") not in (None, "none")
+                   else ".")
                 if meta.get("Standardisation") else
                 "The flow prior's harmonization loop was not run (0 iterations), so the image was not changed.")
     shape = model.get("SliceShape") or [144, 176]
@@ -203,7 +213,23 @@ def _standardisation_text(meta: dict) -> str:
     return ("Its intensities were then standardised onto the target's scale, volume-wide and before any slicing, with a "
             "piecewise-linear map through intensity landmarks in the manner of Nyúl et al. {nyul}: the image minimum and the "
             f"{pct}th percentiles of a region deep inside the head (no brain mask), mapped onto the mean landmarks of the "
-            "target's training images; the output is on that standard scale. ")
+            "target's training images; the output is on that standard scale. " + _detail_text(std.get("Detail")))
+
+
+def _detail_text(detail) -> str:
+    if not isinstance(detail, dict):
+        return ""
+    lo, mean, hi = (float(x) for x in detail.get("Band") or [0, 0, 0])
+    level = (f"Its detail level (the robust standard deviation of the fine residual over the edge strength) was "
+             f"{_num(round(float(detail.get('Level', 0)), 3))}, against the target's training range {lo:.3f}–{hi:.3f}")
+    action = detail.get("Action")
+    if action == "denoise":
+        return (level + "; the image was therefore blended with its adaptive non-local-means denoising {manjon} (ANTs, "
+                f"Rician model; weight {float(detail.get('Weight', 0)):.2f}) until its level was the target's mean, {mean:.3f}. ")
+    if action == "sharpen":
+        return (level + "; the image was therefore sharpened with an unsharp mask (Gaussian, amount "
+                f"{float(detail.get('Weight', 0)):.2f}) until its level was the target's mean, {mean:.3f}. ")
+    return level + ", so its noise and sharpness were left as acquired. "
 
 
 def _numbered(text: str, keys: list[str]) -> str:

@@ -1,0 +1,86 @@
+"""Detail matching in the pipeline: the train level fits the target's detail band on its training
+volumes only; harmonization does to the native voxels exactly what the sidecar records; a model
+without a band, or a run without the standardisation, is refused or runs without it as asked. Real
+Nipype, real antspyx, the tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nb
+import numpy as np
+import pytest
+
+from bidsharmony.errors import ModelError
+from bidsharmony.flow.checkpoint import model_detail_band, model_landmarks, read_folder
+from bidsharmony.image.detail import BAND, detail_level, fit_band, match_detail
+from bidsharmony.image.io import load_t1w
+from bidsharmony.image.resample import canonical, resample_isotropic
+from bidsharmony.image.standardise import apply_record, standardise
+from bidsharmony.modelfolder import write_folder
+from bidsharmony.workflows.harmonize import init_harmonize_wf
+from tests.test_standardisation import _harmonize, _t1w
+
+
+def test_training_fits_the_band_on_its_training_volumes_only(tiny_model, example_bids):
+    cfg = json.loads((tiny_model / "config.json").read_text())
+    standard, _ = model_landmarks(tiny_model)
+    train = cfg["training_data"]["subjects_train"]
+    runs = sorted(p for s in train for p in (example_bids / f"sub-{s}").rglob("*_T1w.nii.gz"))
+    assert cfg["preprocessing"]["detail"]["volumes"] == len(runs) > 0
+    levels = []
+    for path in runs:
+        img, data = load_t1w(path)
+        v = resample_isotropic(*canonical(data, img.affine), 1.2)[0]
+        levels.append(detail_level(standardise(v, standard), (1.2, 1.2, 1.2)))
+    band = model_detail_band(tiny_model)
+    np.testing.assert_allclose(band, fit_band(levels), rtol=1e-5)
+    assert band[0] <= band[1] <= band[2]
+
+
+@pytest.mark.parametrize("session", ["1", "2"])
+def test_the_native_output_is_what_the_record_says(tiny_model, example_bids, tmp_path, session):
+    """With the loop off, the native output is the input through the recorded map, then through
+    match_detail with the model's band: recomputed here, the same voxels."""
+    t1w = _t1w(example_bids, session)
+    out, info = _harmonize(tiny_model, t1w, tmp_path)
+    rec = info["Standardisation"]
+    detail = rec["Detail"]
+    assert info["Parameters"]["detail"] == "match"
+    np.testing.assert_allclose(detail["Band"], model_detail_band(tiny_model))
+    img, data = load_t1w(t1w)
+    grid = resample_isotropic(*canonical(data, img.affine), 1.2)
+    expected, again = match_detail(apply_record(data, rec), img.affine, detail["Band"], (grid[0].shape, grid[1]))
+    assert again["Action"] == detail["Action"] and again["Weight"] == pytest.approx(detail["Weight"])
+    np.testing.assert_allclose(np.asanyarray(nb.load(out).dataobj, np.float32), expected, atol=1e-4 * 100)
+    if detail["Action"] == "none":
+        np.testing.assert_allclose(expected, apply_record(data, rec), atol=1e-4)
+
+
+def test_detail_none_and_models_without_a_band(tiny_model, tmp_path):
+    cfg, tensors = read_folder(tiny_model)
+    del tensors[f"extra.{BAND}"], cfg["preprocessing"]["detail"], cfg["weights_sha256"]
+    write_folder(tmp_path / "old", tensors, cfg)
+    with pytest.raises(ModelError, match="no detail band"):
+        init_harmonize_wf(tmp_path / "old", {"detail": "match"})
+    assert init_harmonize_wf(tmp_path / "old", {}).get_node("harmonize").inputs.params["detail"] == "none"
+    assert model_detail_band(tmp_path / "old") is None
+    with pytest.raises(ModelError, match="needs the standardisation"):
+        init_harmonize_wf(tiny_model, {"detail": "match", "standardise": "none"})
+    assert init_harmonize_wf(tiny_model, {"standardise": "none"}).get_node("harmonize").inputs.params["detail"] == "none"
+    assert init_harmonize_wf(tiny_model, {}).get_node("harmonize").inputs.params["detail"] == "match"
+
+
+def test_the_participant_sidecar_and_methods_name_the_detail_matching(participant_run):
+    from bidsharmony.reports.boilerplate import plain
+
+    sidecars = sorted(participant_run["out"].rglob("*_desc-harmonized_T1w.json"))
+    assert sidecars
+    for path in sidecars:
+        meta = json.loads(path.read_text())
+        detail = meta["Standardisation"]["Detail"]
+        assert detail["Action"] in ("none", "denoise", "sharpen") and len(detail["Band"]) == 3
+        text = plain(meta)
+        assert "detail level" in text
+        if detail["Action"] == "denoise":
+            assert "non-local-means" in text and "Manjón" in text

@@ -159,6 +159,7 @@ def test_sidecars_record_provenance(participant_run, tiny_model):
             "iterations": 2, "alpha": 0.001, "beta_fidelity": 1000.0, "beta_gradient": 0.001, "similarity": "cosine",
             "start": "source", "solver": "alternating", "latent_lr": 0.05, "batch_size": 8, "seed": 0,
             "standardise": "landmarks",  # auto, resolved: the model train wrote has landmarks
+            "detail": "match",  # auto, resolved: and a detail band
         }  # fmt: skip
         assert meta["SoftwareVersion"] == __version__ and meta["Device"] == "cpu"
         assert meta["HarmonizationSeconds"] > 0 and 0 < meta["SlicesHarmonized"] <= meta["SlicesTotal"]

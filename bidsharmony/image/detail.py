@@ -19,7 +19,9 @@ Training (``fit_band``): the target's levels over its TRAIN volumes give a band 
 Matching (``match_detail``): a volume whose level lies inside the band is left exactly as it is.
 Above the band it is blended towards a non-local-means denoising of itself, u = v + w (NLM(v) − v),
 w ∈ [0, 1]; below it, sharpened by an unsharp mask, u = v + a (v − G_σ v), a ∈ [0, A_MAX], G_σ a
-Gaussian of SIGMA_MM. The weight is found by bisection so that the level of u (resampled to the
+Gaussian of SIGMA_MM. (Where the given voxels are finer than the grid the level is defined on, the
+denoising runs on that grid, with fewer voxels, and its change is resampled back: a 0.7 mm head
+takes a fifth of the time.) The weight is found by bisection so that the level of u (resampled to the
 grid the level is defined on) equals the band's mean. Both act volume-wide in 3D, on the voxels
 they are given (the native grid: the output the user reads is not a resampling of the filtered
 image), and are deterministic.
@@ -155,13 +157,18 @@ def match_detail(volume: np.ndarray, affine: np.ndarray, band, grid: tuple[tuple
            "LevelReached": level}
     if lo <= level <= hi:
         return v, rec
+    voxel = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
     if level > hi:
-        smooth, rising, top, rec["Action"] = denoise(v, affine), False, 1.0, "denoise"
-        direction = smooth - v
+        rising, top, rec["Action"] = False, 1.0, "denoise"
+        if np.prod(voxel) < np.prod(zooms):  # finer than the grid: denoise there (fewer voxels), bring the change back
+            direction = resample_onto(denoise(start, grid_affine) - start, grid_affine, v.shape, affine)
+            rec["DenoisedOn"] = "harmonization grid"
+        else:
+            direction = denoise(v, affine) - v
+            rec["DenoisedOn"] = "native grid"
     else:
-        voxel = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
-        smooth, rising, top, rec["Action"] = ndimage.gaussian_filter(v, SIGMA_MM / voxel), True, A_MAX, "sharpen"
-        direction = v - smooth
+        rising, top, rec["Action"] = True, A_MAX, "sharpen"
+        direction = v - ndimage.gaussian_filter(v, SIGMA_MM / voxel)
     levels: dict[float, float] = {}
 
     def level_of(w: float) -> float:

@@ -60,12 +60,33 @@ def test_matching_reaches_the_band_and_comes_closer_to_the_clean_volume(head, ki
     out, rec = match_detail(src, affine, band, (v.shape, affine))
     assert rec["Action"] == ("denoise" if kind == "noise" else "sharpen")
     assert abs(rec["LevelReached"] - level) < abs(rec["Level"] - level)
-    if rec["Weight"] < (1.0 if kind == "noise" else 4.0):  # not at its bound: the bisection hit the mean
+    assert rec["LevelGoal"] == pytest.approx(level, rel=1e-3)  # far outside the band: the whole way to its mean
+    if rec["Weight"] < (1.0 if kind == "noise" else 4.0):  # not at its bound: the bisection hit the goal
         assert rec["LevelReached"] == pytest.approx(level, rel=0.02)
     brain = v > np.percentile(v, 60)
     assert np.mean((out - v)[brain] ** 2) < np.mean((src - v)[brain] ** 2)
     again, _ = match_detail(src, affine, band, (v.shape, affine))
     assert np.array_equal(out, again)  # deterministic
+
+
+def test_a_volume_just_outside_the_band_moves_in_proportion(head):
+    """Above the band: half its width beyond it, the whole way to the mean; a tenth of that, a tenth
+    of the way. Below it the ramp starts half a width under the edge: a merely soft volume is left
+    alone. A target-domain volume just outside a band fitted on a finite sample is barely touched."""
+    v, affine, z = head
+    level = detail_level(v, z)
+    for beyond, fraction in ((0.05, 1.0), (0.005, 0.1)):
+        hi = level - beyond  # the volume lies ``beyond`` over a band of width 0.1 whose mean is hi - 0.05
+        _, rec = match_detail(v, affine, [hi - 0.1, hi - 0.05, hi], (v.shape, affine))
+        assert rec["Action"] == "denoise"
+        assert rec["LevelGoal"] == pytest.approx(level + fraction * (hi - 0.05 - level), rel=1e-3)
+    for beyond, fraction in ((0.04, 0.0), (0.06, 0.2), (0.1, 1.0)):
+        lo = level + beyond  # under a band of width 0.1
+        out, rec = match_detail(v, affine, [lo, lo + 0.05, lo + 0.1], (v.shape, affine))
+        assert rec["Action"] == ("none" if fraction == 0 else "sharpen")
+        assert rec["LevelGoal"] == pytest.approx(level + fraction * (lo + 0.05 - level), rel=1e-3)
+        if fraction == 0:
+            assert np.array_equal(out, v)
 
 
 def test_fit_band_orders_min_mean_max():

@@ -15,6 +15,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from bidsharmony.space import DEFAULT
+
 
 def head_region(v: np.ndarray) -> np.ndarray:
     """Voxels above 10 % of the way from the 1st to the 99th percentile: the head, by a rule that
@@ -48,7 +50,7 @@ def _nonmax_suppress(mag: np.ndarray, grads: list[np.ndarray]) -> np.ndarray:
     return keep
 
 
-def edge_map(v: np.ndarray, zooms=(1.2, 1.2, 1.2), sigma_mm: float = 1.2, low: float = 80.0, high: float = 92.0) -> np.ndarray:
+def edge_map(v: np.ndarray, zooms=DEFAULT.zooms, sigma_mm: float = 1.2, low: float = 80.0, high: float = 92.0) -> np.ndarray:
     """Binary 3D edges of a RAS volume (float32 0/1).
 
     Gaussian derivatives (σ in mm) of the rank-transformed head, non-maximum suppression, then

@@ -16,6 +16,7 @@ from torch import nn
 
 from bidsharmony.flow.coupling import SplineCoupling
 from bidsharmony.flow.layers import ActNorm, InvConv1x1, squeeze, unsqueeze
+from bidsharmony.space import DEFAULT
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,7 @@ class FlowConfig:
     tail_bound: float = 3.0
     hidden: int = 96
     blocks: int = 3
-    slice_shape: tuple[int, int] = (144, 176)
+    slice_shape: tuple[int, int] = DEFAULT.slice_shape
     seed: int = 0  # fixes the random 1x1-conv initialisations
 
     def to_dict(self) -> dict:

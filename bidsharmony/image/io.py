@@ -18,6 +18,7 @@ import nibabel as nb
 import numpy as np
 
 from bidsharmony.errors import ImageError
+from bidsharmony.space import DEFAULT
 
 LOG = logging.getLogger("bidsharmony")
 
@@ -108,9 +109,9 @@ def check_affine(path: Path, img) -> None:
 
 
 # The harmonization grid (bidsharmony.image.slices): a slice is harmonized when head covers
-# MIN_HEAD_FRACTION of its 144 × 176 pixels of 1.2 mm. Half that area is asked for here: the
+# MIN_HEAD_FRACTION of its slice grid (the default space's). Half that area is asked for here: the
 # check runs on the native grid, before resampling, and must never refuse a usable volume.
-_GRID_MM2 = 144 * 176 * 1.2**2
+_GRID_MM2 = DEFAULT.slice_area_mm2
 
 
 def check_head_slices(path: Path, data: np.ndarray, affine: np.ndarray) -> None:

@@ -15,6 +15,8 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
+from bidsharmony.space import DEFAULT
+
 # A voxel is "head" above this fraction of the volume's robust maximum.
 HEAD_THRESHOLD = 0.1
 # A slice is harmonized (and used for training) when this fraction of its grid is head.
@@ -77,7 +79,7 @@ def _copy_window(src: np.ndarray, dst: np.ndarray, offset, to_grid: bool) -> Non
         dst[vol_sl] = src[grid_sl]
 
 
-def cut(volume: np.ndarray, grid_shape=(144, 176), offset=None) -> tuple[np.ndarray, SliceRecord]:
+def cut(volume: np.ndarray, grid_shape=DEFAULT.slice_shape, offset=None) -> tuple[np.ndarray, SliceRecord]:
     """Canonical volume (X, Y, Z) -> slices (Z, H, W) in [0, 1] and the record to undo it.
     ``offset`` (from another record) puts the grid where that volume's was, to compare the two."""
     h, w = grid_shape

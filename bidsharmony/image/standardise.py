@@ -36,13 +36,14 @@ import numpy as np
 from scipy import ndimage
 
 from bidsharmony.image.slices import head_mask
+from bidsharmony.space import DEFAULT
 
 LANDMARKS = "standard_landmarks"  # a model folder's extra tensor: the (K + 1,) standard landmarks
 PERCENTILES = (5.0, 25.0, 50.0, 75.0, 95.0)
 SCALE = 100.0  # the standard scale: background 0, top landmark SCALE
 DEPTH_MM = 15.0  # below the head's surface: past scalp and skull
 TOP_MM = 110.0  # from the top of the head down: the cerebrum, not the face or neck
-VOXEL_MM = (1.2, 1.2, 1.2)  # the pipeline's canonical grid
+VOXEL_MM = DEFAULT.zooms  # the pipeline's canonical grid
 _IN_PLANE = np.zeros((3, 3, 3), bool)
 _IN_PLANE[:, :, 1] = ndimage.generate_binary_structure(2, 1)
 

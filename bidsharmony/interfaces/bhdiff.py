@@ -33,6 +33,7 @@ class BHDiffHarmonize(SimpleInterface):
         from bidsharmony.image.slices import cut
         from bidsharmony.metrics import harmonization_quality
         from bidsharmony.provenance import Provenance
+        from bidsharmony.space import Space
 
         torch.set_num_threads(max(1, self.inputs.num_threads))
         device = resolve_device(self.inputs.device)
@@ -60,7 +61,8 @@ class BHDiffHarmonize(SimpleInterface):
             json.dump(hist, f)
         self._results["info"] = Provenance(
             method="bhdiff (3D rectified flow, BlindHarmonyDiff)",
-            model={"Name": config.get("name"), "Sha256": config["weights_sha256"], "Preset": config.get("preset"), "VoxelSize": 1.2},
+            model={"Name": config.get("name"), "Sha256": config["weights_sha256"], "Preset": config.get("preset"),
+                   "VoxelSize": Space.of_model(config).voxel_mm},
             parameters=params.to_dict(),
             device=device_label(device),
             torch_version=torch.__version__,

@@ -41,6 +41,7 @@ class Harmonize(SimpleInterface):
         from bidsharmony.harmonize.volume import check_grid, harmonize_volume
         from bidsharmony.image.slices import SliceRecord
         from bidsharmony.provenance import Provenance
+        from bidsharmony.space import Space
 
         torch.set_num_threads(max(1, self.inputs.num_threads))
         device = resolve_device(self.inputs.device)
@@ -85,7 +86,7 @@ class Harmonize(SimpleInterface):
                 "Sha256": model.sha256,
                 "Preset": model.config.get("preset"),
                 "SliceShape": list(model.flow.cfg.slice_shape),
-                "VoxelSize": model.config.get("preprocessing", {}).get("voxel_size"),
+                "VoxelSize": Space.of_model(model.config).voxel_mm,
             },
             parameters=params.to_dict(),
             device=device_label(device),

@@ -6,10 +6,12 @@ import os
 
 from nipype.interfaces.base import BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec, traits
 
+from bidsharmony.space import DEFAULT
+
 
 class _ResampleInputSpec(BaseInterfaceInputSpec):
     in_file = File(exists=True, mandatory=True, desc="T1w image, any orientation")
-    voxel_size = traits.Float(1.2, usedefault=True, desc="isotropic voxel size (mm)")
+    voxel_size = traits.Float(DEFAULT.voxel_mm, usedefault=True, desc="isotropic voxel size (mm)")
     num_threads = traits.Int(1, usedefault=True, desc="ITK threads")
 
 

@@ -6,10 +6,12 @@ import os
 
 from nipype.interfaces.base import BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec, isdefined, traits
 
+from bidsharmony.space import DEFAULT
+
 
 class _SliceInputSpec(BaseInterfaceInputSpec):
     in_file = File(exists=True, mandatory=True, desc="canonical isotropic volume")
-    grid_shape = traits.Tuple(traits.Int, traits.Int, default=(144, 176), usedefault=True)
+    grid_shape = traits.Tuple(traits.Int, traits.Int, default=DEFAULT.slice_shape, usedefault=True)
 
 
 class _SliceOutputSpec(TraitedSpec):

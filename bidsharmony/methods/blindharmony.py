@@ -88,22 +88,26 @@ def train(opts, runs, *, device: str, steps: int, batch: int, run_workflow) -> N
     """Preprocess the target's runs with the harmonization's own nodes (``run_workflow`` executes a
     Nipype workflow and returns its graph), then fit the flow, its mean start images, slice
     histogram and intensity landmarks, into a folder built aside and swapped in when finished."""
+    from dataclasses import replace
+
     from bidsharmony import __version__
     from bidsharmony.errors import BidsHarmonyError
     from bidsharmony.flow.checkpoint import PREPROCESSING
     from bidsharmony.flow.model import PRESETS
-    from bidsharmony.image.slices import POSITION_BINS
     from bidsharmony.image.detail import BAND
     from bidsharmony.image.detail import model_entry as detail_entry
+    from bidsharmony.image.slices import POSITION_BINS
     from bidsharmony.image.standardise import LANDMARKS, model_entry
     from bidsharmony.modelfolder import new_stage, publish_training
+    from bidsharmony.space import DEFAULT
     from bidsharmony.train import data as tdata
     from bidsharmony.train.loop import TrainConfig, train_flow
     from bidsharmony.workflows.train import collect_slices, init_train_prep_wf
 
     grid = PRESETS[opts.preset].slice_shape
     LOG.info("preprocessing %d T1w run(s) for training", len(runs))
-    graph = run_workflow(init_train_prep_wf(runs, voxel_size=1.2, grid_shape=grid, omp_nthreads=1))
+    space = replace(DEFAULT, slice_shape=tuple(grid))
+    graph = run_workflow(init_train_prep_wf(runs, space=space, omp_nthreads=1))
     prepared = collect_slices(graph, runs)
     slices = tdata.load_slice_set(item[:3] for item in prepared)
     if len(slices) < 2:
@@ -120,7 +124,7 @@ def train(opts, runs, *, device: str, steps: int, batch: int, run_workflow) -> N
         "preset": opts.preset,
         "software_version": __version__,
         "preprocessing": {
-            "voxel_size": 1.2,
+            "voxel_size": space.voxel_mm,
             "slice_axis": "axial (inferior-superior)",
             "slice_shape": list(grid),
             **PREPROCESSING,

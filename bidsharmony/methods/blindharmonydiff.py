@@ -70,10 +70,11 @@ def train(opts, runs, *, device: str, steps: int, batch: int, run_workflow) -> N
     from bidsharmony.image.slices import cut
     from bidsharmony.metrics import slice_histogram
     from bidsharmony.modelfolder import new_stage, publish_training
+    from bidsharmony.space import DEFAULT
     from bidsharmony.workflows.train import init_train_prep_wf
 
     LOG.info("preprocessing %d T1w run(s) for bhdiff training", len(runs))
-    graph = run_workflow(init_train_prep_wf(runs, voxel_size=1.2, omp_nthreads=1))
+    graph = run_workflow(init_train_prep_wf(runs, omp_nthreads=1))
     files = sorted(n.result.outputs.out_file for n in graph.nodes() if n.name == "resample")
     volumes = [np.asanyarray(nb.load(f).dataobj, dtype=np.float32) for f in files]
     LOG.info("edges and normalisation of %d volume(s)", len(volumes))
@@ -90,7 +91,7 @@ def train(opts, runs, *, device: str, steps: int, batch: int, run_workflow) -> N
                          "final_loss_mean_last_50": round(float(np.mean(result["losses"][-50:])), 5)},
             "training_data": {"dataset": str(opts.bids_dir.resolve()), "volumes": len(volumes),
                               "subjects": sorted({r["entities"]["subject"] for r in runs})},
-            "preprocessing": {"voxel_size": 1.2, "orientation": "RAS", "intensity": "head 0.5/99.5 % to [-1, 1], clipped",
+            "preprocessing": {"voxel_size": DEFAULT.voxel_mm, "orientation": DEFAULT.orientation, "intensity": "head 0.5/99.5 % to [-1, 1], clipped",
                               "edges": "3D Canny on the rank-transformed head (bidsharmony.bhdiff.edges)"}}  # fmt: skip
     save_bhdiff_model(stage, result["ema"], meta)
     publish_training(stage, opts.output_dir)

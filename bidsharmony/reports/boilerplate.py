@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 from html import escape
 
+from bidsharmony.space import DEFAULT
+
 # key: (plain-text reference, BibTeX entry)
 REFERENCES = {
     "bidsharmony": (
@@ -122,7 +124,7 @@ def _flow_text(meta: dict, p: dict, model: dict) -> str:
                    else ".")
                 if meta.get("Standardisation") else
                 "The flow prior's harmonization loop was not run (0 iterations), so the image was not changed.")
-    shape = model.get("SliceShape") or [144, 176]
+    shape = model.get("SliceShape") or DEFAULT.slice_shape
     solver = (f"Adam on the latent code (step {_num(p.get('latent_lr'))}) with gradients through the inverse flow"
               if p.get("solver") == "latent" else
               "the published alternating scheme (a step on the image towards the source, then a shrinking step on the "
@@ -162,7 +164,7 @@ def methods(meta: dict) -> tuple[str, list[str]]:
     if method.startswith("identity"):
         return _identity_text(meta, versions)
     bhdiff = method.startswith("bhdiff")
-    voxel = model.get("VoxelSize") or 1.2
+    voxel = model.get("VoxelSize") or DEFAULT.voxel_mm
     model_text = f"the model {model.get('Name') or 'unnamed'}"
     details = [f"{model['Preset']} preset"] if model.get("Preset") else []
     details.append(f"weights sha256 {model.get('Sha256') or 'not recorded'}")
@@ -199,7 +201,7 @@ def _identity_text(meta: dict, versions: dict) -> tuple[str, list[str]]:
     """The baseline run: nothing was harmonized, and the paragraph says so."""
     text = (f"T1-weighted (T1w) images were passed through bidsharmony {meta.get('SoftwareVersion') or '?'} {{bidsharmony}} "
             "without harmonization (its identity method, a baseline): each image was reoriented to RAS and resampled to "
-            f"1.2 mm isotropic voxels with ANTs (antspyx{_v(versions, 'antspyx')}) {{ants}} and reassembled unchanged. The "
+            f"{_num(DEFAULT.voxel_mm)} mm isotropic voxels with ANTs (antspyx{_v(versions, 'antspyx')}) {{ants}} and reassembled unchanged. The "
             f"workflow was run with Nipype{_v(versions, 'nipype')} {{nipype}}, and the input dataset was queried with "
             f"PyBIDS{_v(versions, 'pybids')} {{pybids}}.")
     return text, list(dict.fromkeys(_CITE.findall(text)))

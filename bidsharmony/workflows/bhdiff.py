@@ -5,6 +5,7 @@ from __future__ import annotations
 from nipype.pipeline import engine as pe
 
 from bidsharmony.interfaces.bhdiff import BHDiffHarmonize
+from bidsharmony.space import Space
 from bidsharmony.workflows.volumetric import init_volume_wf
 
 
@@ -40,4 +41,4 @@ def init_bhdiff_wf(model, params: dict | None = None, *, device: str = "auto", o
     harmonize = pe.Node(BHDiffHarmonize(model=str(model), params=params, device=device, num_threads=omp_nthreads),
                         name="harmonize", n_procs=omp_nthreads,
                         mem_gb=bhdiff_mem_gb(base=config.get("architecture", {}).get("base", 32)))  # fmt: skip
-    return init_volume_wf(harmonize, output_space=output_space, omp_nthreads=omp_nthreads, name=name)
+    return init_volume_wf(harmonize, space=Space.of_model(config), output_space=output_space, omp_nthreads=omp_nthreads, name=name)

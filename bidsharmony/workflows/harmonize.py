@@ -17,14 +17,15 @@ from bidsharmony.interfaces.harmonize import Harmonize
 from bidsharmony.interfaces.resample import ResampleToHarmonizationSpace
 from bidsharmony.interfaces.slicing import Reassemble, SliceVolume
 from bidsharmony.interfaces.standardise import Standardise
+from bidsharmony.space import DEFAULT, Space
 
 
-def init_slices_wf(*, voxel_size: float = 1.2, grid_shape=(144, 176), omp_nthreads: int = 1, model=None, detail_band=None,
-                   name: str = "slices_wf"):
+def init_slices_wf(*, space: Space = DEFAULT, omp_nthreads: int = 1, model=None, detail_band=None, name: str = "slices_wf"):
     """T1w -> canonical isotropic volume [-> standardised onto ``model``'s landmarks [-> detail-matched
     to ``detail_band``]] -> normalised slices on the model grid.
 
-    The same nodes feed training and harmonization, so both see identical inputs.
+    The same nodes feed training and harmonization, so both see identical inputs. ``space``: the
+    voxel size and slice grid (``Space.of_model`` of the model; ``DEFAULT`` when training one).
 
     Inputs: ``t1w``. Outputs: ``resampled`` (NIfTI: the volume the slices were cut from, standardised
     when ``model`` is given), ``slices`` (.npy), ``record`` (.npz); with ``model`` also
@@ -36,12 +37,12 @@ def init_slices_wf(*, voxel_size: float = 1.2, grid_shape=(144, 176), omp_nthrea
     outputnode = pe.Node(niu.IdentityInterface(fields=["resampled", "slices", "record", "unstandardised", "standardisation", "native"]),
                          name="outputnode")
     resample = pe.Node(
-        ResampleToHarmonizationSpace(voxel_size=voxel_size, num_threads=omp_nthreads),
+        ResampleToHarmonizationSpace(voxel_size=space.voxel_mm, num_threads=omp_nthreads),
         name="resample",
         n_procs=omp_nthreads,
         mem_gb=1.5,
     )
-    cut = pe.Node(SliceVolume(grid_shape=tuple(grid_shape)), name="slice", mem_gb=1.0)
+    cut = pe.Node(SliceVolume(grid_shape=space.slice_shape), name="slice", mem_gb=1.0)
     wf.connect([
         (inputnode, resample, [("t1w", "in_file")]),
         (cut, outputnode, [("slices", "slices"), ("record", "record")]),
@@ -73,7 +74,7 @@ def init_slices_wf(*, voxel_size: float = 1.2, grid_shape=(144, 176), omp_nthrea
 def harmonize_mem_gb(model_config: dict, batch_size: int) -> float:
     """A scheduler's memory request for the harmonization node (activations dominate)."""
     arch = model_config.get("architecture", {})
-    h, w = arch.get("slice_shape", (144, 176))
+    h, w = Space.of_model(model_config).slice_shape
     per_slice = arch.get("hidden", 96) * (h // 2) * (w // 2) * 4 * 12  # ~12 live feature maps
     return round(1.0 + batch_size * per_slice / 1e9, 1)
 
@@ -152,13 +153,11 @@ def init_harmonize_wf(
     params.standardise = resolve_standardise(params.standardise, config, model)
     params.detail, band = resolve_detail(params.detail, params.standardise, model)
     params = params.to_dict()
-    prep = config.get("preprocessing", {})
     wf = pe.Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(fields=["t1w"]), name="inputnode")
     outputnode = pe.Node(niu.IdentityInterface(fields=["harmonized", "info", "trace", "histograms"]), name="outputnode")
     slices_wf = init_slices_wf(
-        voxel_size=prep.get("voxel_size", 1.2),
-        grid_shape=tuple(config["architecture"]["slice_shape"]),
+        space=Space.of_model(config),
         omp_nthreads=omp_nthreads,
         model=model if params["standardise"] == "landmarks" else None,
         detail_band=band,

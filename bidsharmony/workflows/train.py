@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from nipype.pipeline import engine as pe
 
+from bidsharmony.space import DEFAULT, Space
 from bidsharmony.workflows.base import run_name
 from bidsharmony.workflows.harmonize import init_slices_wf
 
 
-def init_train_prep_wf(runs, *, voxel_size: float = 1.2, grid_shape=(144, 176), omp_nthreads: int = 1, name: str = "train_prep_wf"):
+def init_train_prep_wf(runs, *, space: Space = DEFAULT, omp_nthreads: int = 1, name: str = "train_prep_wf"):
     """The target dataset's preprocessing for training: per T1w run, the harmonization's own
     ``init_slices_wf`` (no standardisation: training fits the landmarks it would use).
 
@@ -16,15 +17,14 @@ def init_train_prep_wf(runs, *, voxel_size: float = 1.2, grid_shape=(144, 176), 
     ----------
     runs : list of dict
         From ``bids.collect_t1w``; each run's sub-workflow is named after it.
-    voxel_size, grid_shape : the model's grid (1.2 mm, the preset's slice shape)
+    space : the model's voxel size and slice grid (the default space, with the preset's slice shape)
 
     Inputs: none (each run's ``t1w`` is set). Outputs: per run, the ``resample`` and ``slice`` nodes'
     files, which ``collect_slices`` reads from the executed graph.
     """
     wf = pe.Workflow(name=name)
     for run in runs:
-        swf = init_slices_wf(voxel_size=voxel_size, grid_shape=grid_shape, omp_nthreads=omp_nthreads,
-                             name=f"{run_name(run['entities'])}_wf")
+        swf = init_slices_wf(space=space, omp_nthreads=omp_nthreads, name=f"{run_name(run['entities'])}_wf")
         swf.get_node("inputnode").inputs.t1w = run["path"]
         wf.add_nodes([swf])
     return wf

@@ -1,5 +1,5 @@
-"""The workflow of a method that harmonizes whole volumes on the 1.2 mm grid (the 3D method, the
-identity): resample → the method's node → reassemble, with every method's inputs and outputs."""
+"""The workflow of a method that harmonizes whole volumes on the harmonization grid (the 3D method,
+the identity): resample → the method's node → reassemble, with every method's inputs and outputs."""
 
 from __future__ import annotations
 
@@ -8,19 +8,21 @@ from nipype.pipeline import engine as pe
 
 from bidsharmony.interfaces.resample import ResampleToHarmonizationSpace
 from bidsharmony.interfaces.slicing import Reassemble
+from bidsharmony.space import DEFAULT, Space
 
 
-def init_volume_wf(harmonize: pe.Node, *, output_space: str = "native", omp_nthreads: int = 1, name: str):
+def init_volume_wf(harmonize: pe.Node, *, space: Space = DEFAULT, output_space: str = "native", omp_nthreads: int = 1, name: str):
     """Wrap ``harmonize``, a node named ``harmonize`` whose interface declares
-    ``interfaces.volumetric.VolumeInputSpec`` and ``VolumeOutputSpec``.
+    ``interfaces.volumetric.VolumeInputSpec`` and ``VolumeOutputSpec``; ``space``: the model's
+    (``Space.of_model``), whose voxel size the volume is resampled to.
 
-    Inputs: ``t1w``. Outputs: ``harmonized`` (NIfTI, native grid or 1.2 mm), ``info``, ``trace``,
+    Inputs: ``t1w``. Outputs: ``harmonized`` (NIfTI, native grid or the space's), ``info``, ``trace``,
     ``histograms`` (as ``init_harmonize_wf``).
     """
     wf = pe.Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(fields=["t1w"]), name="inputnode")
     outputnode = pe.Node(niu.IdentityInterface(fields=["harmonized", "info", "trace", "histograms"]), name="outputnode")
-    resample = pe.Node(ResampleToHarmonizationSpace(voxel_size=1.2, num_threads=omp_nthreads), name="resample",
+    resample = pe.Node(ResampleToHarmonizationSpace(voxel_size=space.voxel_mm, num_threads=omp_nthreads), name="resample",
                        n_procs=omp_nthreads, mem_gb=1.5)  # fmt: skip
     reassemble = pe.Node(Reassemble(output_space=output_space), name="reassemble", mem_gb=1.5)
     wf.connect([

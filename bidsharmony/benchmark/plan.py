@@ -15,6 +15,7 @@ ABLATIONS = {
     "meanstart": ("loop, mean start", [*LOOP, "--start", "mean"]),
     "ncc": ("loop, NCC similarity", [*LOOP, "--similarity", "ncc"]),
 }
+UNSEEN_ABLATIONS = ("standardise",)  # also run on the unseen real scanners (the others run the loop: minutes per scan)
 METHOD = "bidsharmony"
 BHDIFF = "bhdiff"
 METRICS = ["psnr_slice", "ssim_slice", "psnr_vol", "ssim_vol", "ncc_vol", "dice", "jump_ratio", "profile_rmse"]

@@ -173,7 +173,7 @@ def write_report(args, rows, unseen, examples, *, model, target_gm_wm, bhdiff_mo
             md += [f"{HEADERS[key]} per scanner:", "", scanner_table(bh_rows, bh_methods, key, labels), ""]
     if unseen:
         md += ["## Unseen real scanners (no truth: distribution-level scores)", "",
-               (f"Brain masks propagated from an IXI TRAIN subject by ANTs affine registration (one ITK thread: repeatable). Target domain: "
+               (f"Brain masks propagated from an IXI TRAIN subject by ANTs affine registration (on one ITK thread, as ANTs needs for repeatable runs). Target domain: "
                f"GM/WM ratio {target_gm_wm:.3f} (mean over the TRAIN subjects); histogram distance is Wasserstein-1 "
                "to the TRAIN subjects' pooled robust-scaled brain intensities (0 = same distribution)."), "",
                "| scan | method | histogram distance | GM/WM ratio | \\|ratio − target\\| | brain mask (ml) |", "|---|---|---|---|---|---|"]

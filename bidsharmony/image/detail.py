@@ -20,14 +20,15 @@ Matching (``match_detail``): a volume whose level lies inside the band is left e
 Outside it, the level is moved towards the band's mean: above the band, the whole way once it lies
 half the band's width beyond it and in proportion nearer its edge; below it, the same ramp starts
 half the band's width under the edge (``_strength``: continuous, so that a target volume just
-outside a band fitted on a finite sample is barely touched, and a merely soft one not sharpened). Above the band the volume
-is blended towards a non-local-means denoising of itself, u = v + w (NLM(v) − v), w ∈ [0, 1]; below
-it, sharpened by an unsharp mask, u = v + a (v − G_σ v), a ∈ [0, A_MAX], G_σ a Gaussian of SIGMA_MM. (Where the given voxels are finer than the grid the level is defined on, the
-denoising runs on that grid, with fewer voxels, and its change is resampled back: a 0.7 mm head
-takes a fifth of the time.) The weight is found by bisection so that the level of u (resampled to the
-grid the level is defined on) equals that goal. Both act volume-wide in 3D, on the voxels
-they are given (the native grid: the output the user reads is not a resampling of the filtered
-image), and are deterministic.
+outside a band fitted on a finite sample is barely touched, and a merely soft one not sharpened).
+Above the band the volume is blended towards a non-local-means denoising of itself,
+u = v + w (NLM(v) − v), w ∈ [0, 1]; below it, sharpened by an unsharp mask, u = v + a (v − G_σ v),
+a ∈ [0, A_MAX], G_σ a Gaussian of SIGMA_MM. (Where the given voxels are finer than the grid the
+level is defined on, the denoising runs on that grid, with fewer voxels, and its change is resampled
+back: a 0.7 mm head takes a fifth of the time.) The weight is found by bisection so that the level
+of u (resampled to the grid the level is defined on) equals that goal. Both act volume-wide in 3D,
+on the voxels they are given (the native grid: the output the user reads is not a resampling of the
+filtered image), and are deterministic.
 
 Measured on held-out TRAIN subjects under the benchmark's simulated scanners (``bench/detail_probe.py``):
 see docs/method.md §8 and docs/benchmarks/.

@@ -284,16 +284,20 @@ _TWO_FRAMES = ("new Promise(done => { requestAnimationFrame(() => requestAnimati
 _LAYERS = "[...document.querySelectorAll('g.layer')].map(g => [g.classList[1], getComputedStyle(g).opacity])"
 
 
+def _first_flip_view(b, out):
+    """Open sub-01's report; the JS context of its first before/after SVG (it has two)."""
+    b.goto((out / "sub-01.html").as_uri())
+    frames = [f for f in b.frames() if f["url"].endswith("_desc-beforeafter_T1w.svg")]
+    assert len(frames) == 2
+    return b.frame_context(frames[0]["id"])
+
+
 def test_the_before_after_view_swaps_on_click_and_enter_in_chromium(participant_run, tmp_path):
     """The flip logic itself, in Chromium, with events dispatched inside the SVG's own document
     (no pointer, so it does not depend on hover reaching the frame): at rest the input shows; a
     click or Enter swaps to the harmonized image and back; the two layers differ."""
-    out = _copy(participant_run, tmp_path)
     with Browser(chromium(), 1100, 900) as b:
-        b.goto((out / "sub-01.html").as_uri())
-        frames = [f for f in b.frames() if f["url"].endswith("_desc-beforeafter_T1w.svg")]
-        assert len(frames) == 2
-        ctx = b.frame_context(frames[0]["id"])
+        ctx = _first_flip_view(b, _copy(participant_run, tmp_path))
 
         def shown():
             layers = dict(b.js(_LAYERS, ctx))
@@ -318,12 +322,8 @@ def test_the_before_after_view_flips_on_hover_and_on_click(participant_run, tmp_
     """In the participant report, each before/after view shows the input at rest, the harmonized
     image under the pointer, and each click swaps the two: read from the layers' computed opacity
     inside the SVG and from the pixels on screen."""
-    out = _copy(participant_run, tmp_path)
     with Browser(chromium(), 1100, 900) as b:
-        b.goto((out / "sub-01.html").as_uri())
-        frames = [f for f in b.frames() if f["url"].endswith("_desc-beforeafter_T1w.svg")]
-        assert len(frames) == 2
-        ctx = b.frame_context(frames[0]["id"])
+        ctx = _first_flip_view(b, _copy(participant_run, tmp_path))
         # Scrolled so that the view's top is 200 px down the screen: the pointer can rest above it.
         box = b.js("(() => { const o = document.querySelector('object.flip'); window.scrollTo(0, o.offsetTop - 200);"
                    "const r = o.getBoundingClientRect(); return [r.x, r.y, r.width, r.height]; })()")  # fmt: skip

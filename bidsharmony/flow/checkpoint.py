@@ -105,12 +105,14 @@ def load_model(folder, device="cpu", verify_hash: bool = True) -> LoadedModel:
     return LoadedModel(flow=flow, config=cfg, extras=extras, path=folder)
 
 
-def model_landmarks(folder) -> tuple:
+def model_landmarks(folder, read: tuple | None = None) -> tuple:
     """(standard landmarks, percentiles) of a model folder's intensity standardisation, or
-    ``(None, None)`` where the model has none (trained before standardisation existed)."""
+    ``(None, None)`` where the model has none (trained before standardisation existed). ``read``:
+    the folder's ``read_folder`` already, so that a caller wanting several extras reads and hashes
+    the weights once."""
     from bidsharmony.image.standardise import LANDMARKS
 
-    cfg, tensors = read_folder(folder)
+    cfg, tensors = read or read_folder(folder)
     entry = (cfg.get("preprocessing") or {}).get("standardisation")
     landmarks = tensors.get(f"extra.{LANDMARKS}")
     if not entry or landmarks is None:
@@ -122,12 +124,12 @@ def model_landmarks(folder) -> tuple:
     return landmarks.double().numpy(), percentiles
 
 
-def model_detail_band(folder):
+def model_detail_band(folder, read: tuple | None = None):
     """The (min, mean, max) detail band of a model folder (``bidsharmony.image.detail``), or None
-    where the model has none (fitted before detail matching existed)."""
+    where the model has none (fitted before detail matching existed). ``read``: as ``model_landmarks``."""
     from bidsharmony.image.detail import BAND
 
-    band = read_folder(folder)[1].get(f"extra.{BAND}")
+    band = (read or read_folder(folder))[1].get(f"extra.{BAND}")
     if band is None:
         return None
     if band.ndim != 1 or band.numel() != 3:

@@ -39,6 +39,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 import numpy as np
+from nibabel.affines import voxel_sizes
 from scipy import ndimage
 
 from bidsharmony.image.standardise import VOXEL_MM, landmark_region
@@ -49,7 +50,7 @@ A_MAX = 4.0  # the strongest sharpening allowed: beyond it, noise is amplified m
 COARSE_MM = 3.0  # the scale of the anatomy's edges the fine residual is measured against
 STEPS = 12  # bisection steps: the weight to 1/4096 of its range
 
-_NEIGHBOURS = np.zeros((3, 3, 3))
+_NEIGHBOURS = np.zeros((3, 3, 3), np.float32)
 _NEIGHBOURS[1, 1, 1] = 1.0
 for _axis in range(3):
     for _side in (0, 2):
@@ -65,7 +66,7 @@ def detail_level(volume: np.ndarray, zooms=VOXEL_MM, region: np.ndarray | None =
     mask = landmark_region(v, zooms) if region is None else region
     if not mask.any():
         raise ValueError("no landmark region to measure the detail level in")
-    r = ndimage.convolve(v, _NEIGHBOURS.astype(np.float32), mode="nearest")[mask].astype(np.float64)
+    r = ndimage.convolve(v, _NEIGHBOURS, mode="nearest")[mask].astype(np.float64)
     fine = float(1.4826 * np.median(np.abs(r - np.median(r))) / np.sqrt(1.0 + 1.0 / 6.0))
     g = ndimage.gaussian_gradient_magnitude(v, [COARSE_MM / float(z) for z in zooms])[mask]
     return fine / float(np.median(g))
@@ -162,7 +163,7 @@ def match_detail(volume: np.ndarray, affine: np.ndarray, band, grid: tuple[tuple
     lo, mean, hi = (float(x) for x in band)
     shape, grid_affine = grid
     v = np.asarray(volume, np.float32)
-    zooms = tuple(float(z) for z in np.sqrt((np.asarray(grid_affine)[:3, :3] ** 2).sum(axis=0)))
+    zooms = tuple(float(z) for z in voxel_sizes(grid_affine))
 
     def on_grid(x):
         return resample_onto(x, affine, shape, grid_affine)
@@ -176,7 +177,7 @@ def match_detail(volume: np.ndarray, affine: np.ndarray, band, grid: tuple[tuple
     rec["LevelGoal"] = goal
     if goal == level:  # inside the band, or under it by less than half its width
         return v, rec
-    voxel = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
+    voxel = voxel_sizes(affine)
     if level > hi:
         rising, top, rec["Action"] = False, 1.0, "denoise"
         if np.prod(voxel) < np.prod(zooms):  # finer than the grid: denoise there (fewer voxels), bring the change back

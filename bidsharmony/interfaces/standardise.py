@@ -91,7 +91,7 @@ class Standardise(SimpleInterface):
                 "%s: detail level %.3f is still above the model's band (%.3f) after full denoising: the scan is "
                 "probably finer than the target's images, not noisier; consider --detail none (docs/method.md §8)",
                 self.inputs.source, detail["LevelReached"], detail["Band"][2])
-        self._results["native_file"] = os.path.join(runtime.cwd, "native.nii.gz")
+        self._results["native_file"] = os.path.join(runtime.cwd, "native.nii")  # read once by Reassemble: not worth compressing
         img = nb.Nifti1Image(native.astype(np.float32), orig.affine, header=orig.header)
         img.header.set_data_dtype(np.float32)
         img.header.set_slope_inter(1.0, 0.0)

@@ -20,15 +20,17 @@ from bidsharmony.interfaces.standardise import Standardise
 from bidsharmony.space import DEFAULT, Space
 
 
-def init_slices_wf(*, space: Space = DEFAULT, omp_nthreads: int = 1, model=None, detail_band=None, name: str = "slices_wf"):
-    """T1w -> canonical isotropic volume [-> standardised onto ``model``'s landmarks [-> detail-matched
-    to ``detail_band``]] -> normalised slices on the model grid.
+def init_slices_wf(*, space: Space = DEFAULT, omp_nthreads: int = 1, landmarks=None, detail_band=None, name: str = "slices_wf"):
+    """T1w -> canonical isotropic volume [-> standardised onto ``landmarks`` [-> detail-matched to
+    ``detail_band``]] -> normalised slices on the model grid.
 
     The same nodes feed training and harmonization, so both see identical inputs. ``space``: the
     voxel size and slice grid (``Space.of_model`` of the model; ``DEFAULT`` when training one).
+    ``landmarks``: the model's (standard landmarks, percentiles) (``model_landmarks``), read once
+    when the workflow is built, not once per run in each node.
 
     Inputs: ``t1w``. Outputs: ``resampled`` (NIfTI: the volume the slices were cut from, standardised
-    when ``model`` is given), ``slices`` (.npy), ``record`` (.npz); with ``model`` also
+    when ``landmarks`` are given), ``slices`` (.npy), ``record`` (.npz); with ``landmarks`` also
     ``unstandardised`` (the resampled volume before the map) and ``standardisation`` (the map, JSON);
     with ``detail_band`` also ``native`` (the native voxels standardised and detail-matched).
     """
@@ -47,16 +49,10 @@ def init_slices_wf(*, space: Space = DEFAULT, omp_nthreads: int = 1, model=None,
         (inputnode, resample, [("t1w", "in_file")]),
         (cut, outputnode, [("slices", "slices"), ("record", "record")]),
     ])  # fmt: skip
-    if model is None:
+    if landmarks is None:
         wf.connect([(resample, cut, [("out_file", "in_file")]), (resample, outputnode, [("out_file", "resampled")])])
         return wf
-    from bidsharmony.flow.checkpoint import model_landmarks
-
-    standard, percentiles = model_landmarks(model)  # once here, not once per run in each node
-    if standard is None:
-        from bidsharmony.errors import ModelError
-
-        raise ModelError(f"{model}: the model has no intensity landmarks in its weights; retrain it or pass --standardise none")
+    standard, percentiles = landmarks
     standardise = pe.Node(Standardise(standard=[float(x) for x in standard], percentiles=percentiles), name="standardise", mem_gb=1.5)
     if detail_band is not None:
         standardise.inputs.band = [float(x) for x in detail_band]
@@ -79,9 +75,10 @@ def harmonize_mem_gb(model_config: dict, batch_size: int) -> float:
     return round(1.0 + batch_size * per_slice / 1e9, 1)
 
 
-def resolve_detail(requested: str, standardise: str, model):
+def resolve_detail(requested: str, standardise: str, model, read: tuple | None = None):
     """(``match`` or ``none``, the model's band or None): ``auto`` matches where the model holds a
-    detail band and the volume is standardised (the band is on the standard scale)."""
+    detail band and the volume is standardised (the band is on the standard scale). ``read``: the
+    folder's ``read_folder``, if the caller has it."""
     from bidsharmony.errors import ModelError
     from bidsharmony.flow.checkpoint import model_detail_band
 
@@ -92,7 +89,7 @@ def resolve_detail(requested: str, standardise: str, model):
             raise ModelError(f"{model}: --detail match needs the standardisation (its band is on the standard scale); "
                              "drop --standardise none or pass --detail none")
         return "none", None
-    band = model_detail_band(model)
+    band = model_detail_band(model, read)
     if band is None:
         if requested == "match":
             raise ModelError(f"{model}: the model has no detail band; refit it (bench/fit_landmarks.py) or pass --detail none")
@@ -145,13 +142,20 @@ def init_harmonize_wf(
     objective terms, JSON), ``histograms`` (slice-intensity densities before/after and the model's
     target, JSON).
     """
-    from bidsharmony.flow.checkpoint import read_config
+    from bidsharmony.errors import ModelError
+    from bidsharmony.flow.checkpoint import model_landmarks, read_config, read_folder
     from bidsharmony.harmonize.solvers import HarmonizeParams
 
     config = read_config(model)
     params = HarmonizeParams(**(params or {})).validate()
     params.standardise = resolve_standardise(params.standardise, config, model)
-    params.detail, band = resolve_detail(params.detail, params.standardise, model)
+    landmarks, read = None, None
+    if params.standardise == "landmarks":
+        read = read_folder(model)  # the weights read and hashed once, for the landmarks and the band
+        landmarks = model_landmarks(model, read)
+        if landmarks[0] is None:
+            raise ModelError(f"{model}: the model has no intensity landmarks in its weights; retrain it or pass --standardise none")
+    params.detail, band = resolve_detail(params.detail, params.standardise, model, read)
     params = params.to_dict()
     wf = pe.Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(fields=["t1w"]), name="inputnode")
@@ -159,7 +163,7 @@ def init_harmonize_wf(
     slices_wf = init_slices_wf(
         space=Space.of_model(config),
         omp_nthreads=omp_nthreads,
-        model=model if params["standardise"] == "landmarks" else None,
+        landmarks=landmarks,
         detail_band=band,
     )
     harmonize = pe.Node(

@@ -84,3 +84,25 @@ def test_the_participant_sidecar_and_methods_name_the_detail_matching(participan
         assert "detail level" in text
         if detail["Action"] == "denoise":
             assert "non-local-means" in text and "Manjón" in text
+
+
+def test_a_scan_full_denoising_cannot_bring_into_the_band_is_named_in_the_log(tiny_model, example_bids, tmp_path, caplog):
+    """Above a band it cannot reach (here a band far under any head's level: as for a scan much finer
+    than the target's images), the node denoises fully and warns that resolution, not noise, is the
+    likelier cause."""
+    import logging
+
+    from bidsharmony.interfaces.standardise import Standardise
+
+    t1w = _t1w(example_bids, "1")
+    img, data = load_t1w(t1w)
+    v12, a12 = resample_isotropic(*canonical(data, img.affine), 1.2)
+    nb.save(nb.Nifti1Image(v12, a12), str(tmp_path / "resampled.nii.gz"))
+    standard, percentiles = model_landmarks(tiny_model)
+    node = Standardise(in_file=str(tmp_path / "resampled.nii.gz"), source=str(t1w), standard=[float(x) for x in standard],
+                       percentiles=percentiles, band=[0.001, 0.002, 0.003])
+    with caplog.at_level(logging.WARNING, logger="bidsharmony"):
+        result = node.run(cwd=str(tmp_path))
+    detail = json.loads(open(result.outputs.standardisation).read())["Detail"]
+    assert detail["Action"] == "denoise" and detail["Weight"] == 1.0 and detail["LevelReached"] > 0.003
+    assert "consider --detail none" in caplog.text and str(t1w) in caplog.text

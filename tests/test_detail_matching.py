@@ -6,6 +6,7 @@ Nipype, real antspyx, the tiny model."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import nibabel as nb
 import numpy as np
@@ -103,6 +104,6 @@ def test_a_scan_full_denoising_cannot_bring_into_the_band_is_named_in_the_log(ti
                        percentiles=percentiles, band=[0.001, 0.002, 0.003])
     with caplog.at_level(logging.WARNING, logger="bidsharmony"):
         result = node.run(cwd=str(tmp_path))
-    detail = json.loads(open(result.outputs.standardisation).read())["Detail"]
+    detail = json.loads(Path(result.outputs.standardisation).read_text())["Detail"]
     assert detail["Action"] == "denoise" and detail["Weight"] == 1.0 and detail["LevelReached"] > 0.003
     assert "consider --detail none" in caplog.text and str(t1w) in caplog.text

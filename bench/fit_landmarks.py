@@ -8,8 +8,9 @@ standardisation existed. This fits them the same way on the same subjects (the m
 regenerated unless --keep-card).
 
 The detail band (``bidsharmony.image.detail``) is fitted the way ``train`` fits it: the level of
-each resampled training volume, standardised onto the landmarks. ``--detail-only`` keeps the
-folder's landmarks and adds the band alone.
+each resampled training volume, standardised onto the landmarks and measured at the training
+volumes' median acquired voxel size (stored beside the band). ``--detail-only`` keeps the folder's
+landmarks and adds the band and voxel size alone.
 
     python bench/fit_landmarks.py bidsharmony/data/models/ixi-hh-fast --data ../shared/data/ixi-hh [--detail-only]
 """
@@ -21,11 +22,12 @@ import json
 import time
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import torch
 
 from bidsharmony.flow.checkpoint import read_folder
-from bidsharmony.image.detail import BAND, detail_level, fit_band
+from bidsharmony.image.detail import BAND, VOXEL, at_resolution, detail_level, fit_band, ras_voxel_mm
 from bidsharmony.image.detail import model_entry as detail_entry
 from bidsharmony.image.io import load_t1w
 from bidsharmony.image.resample import canonical, resample_isotropic
@@ -49,11 +51,15 @@ def main() -> None:
     voxel = float(cfg["preprocessing"]["voxel_size"])
     t0 = time.perf_counter()
 
-    def volumes():
+    def path(sub):
+        label = sub if sub.startswith("sub-") else f"sub-{sub}"
+        return next((args.data / label).rglob(f"{label}*_T1w.nii.gz"))
+
+    def volumes(with_affine=False):
         for i, sub in enumerate(subjects, 1):
-            label = sub if sub.startswith("sub-") else f"sub-{sub}"
-            img, data = load_t1w(next((args.data / label).rglob(f"{label}*_T1w.nii.gz")))
-            yield resample_isotropic(*canonical(data, img.affine), voxel)[0]
+            img, data = load_t1w(path(sub))
+            v, affine = resample_isotropic(*canonical(data, img.affine), voxel)
+            yield (v, affine, ras_voxel_mm(img.affine)) if with_affine else v
             if i % 20 == 0:
                 print(f"{i}/{len(subjects)} volumes, {time.perf_counter() - t0:.0f} s", flush=True)
 
@@ -63,8 +69,10 @@ def main() -> None:
     else:
         landmarks = fit_landmarks(volumes(), zooms=zooms)
     print("standard landmarks:", np.round(landmarks, 3).tolist())
-    band = fit_band(detail_level(standardise(v, landmarks, zooms=zooms), zooms) for v in volumes())
-    print("detail band (min, mean, max):", np.round(band, 4).tolist())
+    target = np.median([ras_voxel_mm(nib.load(path(sub)).affine) for sub in subjects], axis=0)
+    band = fit_band(detail_level(at_resolution(standardise(v, landmarks, zooms=zooms), affine, a, target), zooms)
+                    for v, affine, a in volumes(with_affine=True))
+    print("detail band (min, mean, max):", np.round(band, 4).tolist(), "at", np.round(target, 3).tolist(), "mm")
     # The flow's samples and training curve still describe the same flow: they stay (and the card, if asked).
     kept = {name: (args.model / name).read_bytes() for name in DESCRIBED if (args.model / name).is_file()
             and (name != CARD or args.keep_card)}
@@ -73,6 +81,7 @@ def main() -> None:
     cfg["preprocessing"]["detail"] = detail_entry(len(subjects))
     tensors[f"extra.{LANDMARKS}"] = torch.as_tensor(landmarks, dtype=torch.float64)
     tensors[f"extra.{BAND}"] = torch.as_tensor(band, dtype=torch.float64)
+    tensors[f"extra.{VOXEL}"] = torch.as_tensor(target, dtype=torch.float64)
     write_folder(args.model, tensors, cfg)
     for name, data in kept.items():
         (args.model / name).write_bytes(data)

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from bidsharmony.errors import ModelError
-from bidsharmony.flow.checkpoint import model_detail_band, model_landmarks, read_folder
-from bidsharmony.image.detail import BAND, detail_level, fit_band, match_detail
+from bidsharmony.flow.checkpoint import model_detail_band, model_detail_voxel, model_landmarks, read_folder
+from bidsharmony.image.detail import BAND, at_resolution, detail_level, fit_band, match_detail, ras_voxel_mm
 from bidsharmony.image.io import load_t1w
 from bidsharmony.image.resample import canonical, resample_isotropic
 from bidsharmony.image.standardise import apply_record, standardise
@@ -29,11 +29,14 @@ def test_training_fits_the_band_on_its_training_volumes_only(tiny_model, example
     train = cfg["training_data"]["subjects_train"]
     runs = sorted(p for s in train for p in (example_bids / f"sub-{s}").rglob("*_T1w.nii.gz"))
     assert cfg["preprocessing"]["detail"]["volumes"] == len(runs) > 0
+    target = model_detail_voxel(tiny_model)
+    acquired = [ras_voxel_mm(nb.load(path).affine) for path in runs]
+    np.testing.assert_allclose(target, np.median(acquired, axis=0))
     levels = []
-    for path in runs:
+    for path, voxel in zip(runs, acquired):
         img, data = load_t1w(path)
-        v = resample_isotropic(*canonical(data, img.affine), 1.2)[0]
-        levels.append(detail_level(standardise(v, standard), (1.2, 1.2, 1.2)))
+        v, affine = resample_isotropic(*canonical(data, img.affine), 1.2)
+        levels.append(detail_level(at_resolution(standardise(v, standard), affine, voxel, target), (1.2, 1.2, 1.2)))
     band = model_detail_band(tiny_model)
     np.testing.assert_allclose(band, fit_band(levels), rtol=1e-5)
     assert band[0] <= band[1] <= band[2]
@@ -51,7 +54,9 @@ def test_the_native_output_is_what_the_record_says(tiny_model, example_bids, tmp
     np.testing.assert_allclose(detail["Band"], model_detail_band(tiny_model))
     img, data = load_t1w(t1w)
     grid = resample_isotropic(*canonical(data, img.affine), 1.2)
-    expected, again = match_detail(apply_record(data, rec), img.affine, detail["Band"], (grid[0].shape, grid[1]))
+    expected, again = match_detail(apply_record(data, rec), img.affine, detail["Band"], (grid[0].shape, grid[1]),
+                                   model_detail_voxel(tiny_model))
+    assert again["MeasuredAtVoxel"] == detail["MeasuredAtVoxel"] is not None
     assert again["Action"] == detail["Action"] and again["Weight"] == pytest.approx(detail["Weight"])
     np.testing.assert_allclose(np.asanyarray(nb.load(out).dataobj, np.float32), expected, atol=1e-4 * 100)
     if detail["Action"] == "none":
@@ -88,9 +93,8 @@ def test_the_participant_sidecar_and_methods_name_the_detail_matching(participan
 
 
 def test_a_scan_full_denoising_cannot_bring_into_the_band_is_named_in_the_log(tiny_model, example_bids, tmp_path, caplog):
-    """Above a band it cannot reach (here a band far under any head's level: as for a scan much finer
-    than the target's images), the node denoises fully and warns that resolution, not noise, is the
-    likelier cause."""
+    """Above a band it cannot reach (here a band far under any head's level), the node denoises fully
+    and warns, naming the scan."""
     import logging
 
     from bidsharmony.interfaces.standardise import Standardise

@@ -137,6 +137,20 @@ def model_detail_band(folder, read: tuple | None = None):
     return band.double().numpy()
 
 
+def model_detail_voxel(folder, read: tuple | None = None):
+    """The target's acquired voxel size (RAS axes, mm) detail levels are measured at, or None where the
+    model has none (fitted before the levels were: then they are measured as they are). ``read``: as
+    ``model_landmarks``."""
+    from bidsharmony.image.detail import VOXEL
+
+    voxel = (read or read_folder(folder))[1].get(f"extra.{VOXEL}")
+    if voxel is None:
+        return None
+    if voxel.ndim != 1 or voxel.numel() != 3 or not bool((voxel > 0).all()):
+        raise ModelError(f"{Path(folder) / WEIGHTS}: extra.{VOXEL} is not three positive voxel sizes")
+    return voxel.double().numpy()
+
+
 def has_landmarks(cfg: dict) -> bool:
     """Whether a model's config says it standardises intensities (read without the weights)."""
     return bool((cfg.get("preprocessing") or {}).get("standardisation"))

@@ -11,10 +11,15 @@ edges), both over the landmark region (``standardise.landmark_region``, a blind 
 brain). Noise raises it; blur lowers it; a monotone change of intensities scales the fine residual
 and the edges alike and leaves it almost unchanged (a level in absolute units sent γ = 1.5 above
 the target's band, and denoising it cost 2 dB). It is measured on the pipeline's 1.2 mm grid after
-standardisation, so a source's level and the target's are comparable whatever voxel size was
-acquired.
+standardisation, *at the target's resolution* (``at_resolution``): a scan acquired with finer
+voxels than the target's holds detail the target's images cannot (a 0.7 mm scan measured plainly
+sat 2.5x above a 2 mm target's band, and denoising it moved it away from the target), so it is
+first brought to the target's acquired voxel size as an acquisition would (each voxel the mean of
+its extent), then back onto the grid. Scans as coarse as the target's, or coarser, are measured as
+they are.
 
-Training (``fit_band``): the target's levels over its TRAIN volumes give a band (min, mean, max).
+Training (``fit_band``): the target's levels over its TRAIN volumes give a band (min, mean, max),
+and the median of their acquired voxel sizes is the target's resolution (``VOXEL``).
 
 Matching (``match_detail``): a volume whose level lies inside the band is left exactly as it is.
 Outside it, the level is moved towards the band's mean: above the band, the whole way once it lies
@@ -45,6 +50,7 @@ from scipy import ndimage
 from bidsharmony.image.standardise import VOXEL_MM, landmark_region
 
 BAND = "detail_band"  # a model folder's extra tensor: (min, mean, max) detail level of the target's TRAIN volumes
+VOXEL = "detail_voxel_mm"  # and (3,): the target's acquired voxel size (RAS axes, median over TRAIN) levels are measured at
 SIGMA_MM = 1.6  # the unsharp mask's Gaussian: about one 1.2 mm voxel's worth of blur, in mm
 A_MAX = 4.0  # the strongest sharpening allowed: beyond it, noise is amplified more than detail restored
 COARSE_MM = 3.0  # the scale of the anatomy's edges the fine residual is measured against
@@ -72,6 +78,43 @@ def detail_level(volume: np.ndarray, zooms=VOXEL_MM, region: np.ndarray | None =
     return fine / float(np.median(g))
 
 
+def ras_voxel_mm(affine: np.ndarray) -> np.ndarray:
+    """The voxel size along each RAS axis (x, y, z) of a volume with ``affine``, whatever its voxel
+    axes' order (a sagittal acquisition's first voxel axis runs along z, say)."""
+    from nibabel.orientations import io_orientation
+
+    zooms, out = voxel_sizes(affine), np.zeros(3)
+    for axis, (ras, _) in enumerate(io_orientation(affine)):
+        out[int(ras)] = zooms[axis]
+    return out
+
+
+def at_resolution(volume: np.ndarray, affine: np.ndarray, acquired_mm, target_mm) -> np.ndarray:
+    """``volume`` (a canonical grid, ``affine``) as if acquired with ``target_mm`` voxels (RAS axes)
+    where it was acquired with finer ``acquired_mm`` ones, back on its own grid: along each such axis
+    a Gaussian of the missing width (a voxel averages its extent, a box of variance w²/12, so
+    σ² = (t² − a²)/12, with a at least the grid's own voxel size), linear resampling to the target's
+    voxel size and back. Bit for bit the same volume where nothing on the grid is finer than the
+    target (or ``target_mm`` is None)."""
+    from bidsharmony.image.resample import from_ants, resample_onto, to_ants
+
+    if target_mm is None:
+        return volume
+    zooms = voxel_sizes(affine)
+    # The grid's voxels hold no finer detail than their own size, whatever was acquired.
+    a, t = np.maximum(np.asarray(acquired_mm, np.float64), zooms), np.asarray(target_mm, np.float64)
+    finer = a < t - 1e-3
+    if not finer.any():
+        return volume
+    import ants
+
+    sigma = np.where(finer, np.sqrt(np.maximum(t**2 - a**2, 0.0) / 12.0), 0.0) / zooms
+    smooth = ndimage.gaussian_filter(np.asarray(volume, np.float32), sigma, mode="nearest")
+    spacing = tuple(float(x) for x in np.where(finer, t, zooms))
+    coarse, coarse_affine = from_ants(ants.resample_image(to_ants(smooth, affine), spacing, use_voxels=False, interp_type=0))
+    return resample_onto(coarse, coarse_affine, volume.shape, affine)
+
+
 def fit_band(levels: Iterable[float]) -> np.ndarray:
     """(min, mean, max) of the target's training levels: inside it, a volume is left alone."""
     x = np.asarray(list(levels), np.float64)
@@ -82,8 +125,10 @@ def fit_band(levels: Iterable[float]) -> np.ndarray:
 
 def model_entry(volumes: int) -> dict:
     """What a model's ``config.json`` says about its detail band (``preprocessing.detail``); the
-    band itself is the weights file's ``extra.detail_band``, under its sha256."""
-    return {"method": "detail-level matching", "level": f"6-neighbour residual / gradient magnitude at {COARSE_MM:g} mm",
+    band and the voxel size are the weights file's ``extra.detail_band`` and ``extra.detail_voxel_mm``,
+    under its sha256."""
+    return {"method": "detail-level matching", "level": f"6-neighbour residual / gradient magnitude at {COARSE_MM:g} mm, "
+            "measured at the target's acquired voxel size",
             "denoiser": "ANTs non-local means (Rician)", "sharpening": f"unsharp mask, Gaussian {SIGMA_MM:g} mm, at most ×{A_MAX:g}",
             "volumes": int(volumes)}
 
@@ -151,13 +196,15 @@ def _denoise_here(folder) -> None:
     np.save(Path(folder) / "out.npy", out.astype(np.float32) + v.min())
 
 
-def match_detail(volume: np.ndarray, affine: np.ndarray, band, grid: tuple[tuple[int, ...], np.ndarray]) -> tuple[np.ndarray, dict]:
+def match_detail(volume: np.ndarray, affine: np.ndarray, band, grid: tuple[tuple[int, ...], np.ndarray],
+                 target_mm=None) -> tuple[np.ndarray, dict]:
     """Bring a standardised volume's detail level into the target's ``band`` (``fit_band``).
 
     ``volume``/``affine``: the voxels to change (the native grid, standardised). ``grid``: (shape,
     affine) of the grid the level is defined on (the pipeline's 1.2 mm grid): every level, the
-    volume's own included, is measured on the volume resampled there. Returns (the volume, changed or not; the record a
-    sidecar states: level, band, action, weight and level reached)."""
+    volume's own included, is measured on the volume resampled there, at the target's acquired
+    voxel size ``target_mm`` (``at_resolution``; None: as it is). Returns (the volume, changed or
+    not; the record a sidecar states: level, band, action, weight and level reached)."""
     from bidsharmony.image.resample import resample_onto
 
     lo, mean, hi = (float(x) for x in band)
@@ -165,14 +212,20 @@ def match_detail(volume: np.ndarray, affine: np.ndarray, band, grid: tuple[tuple
     v = np.asarray(volume, np.float32)
     zooms = tuple(float(z) for z in voxel_sizes(grid_affine))
 
+    acquired = ras_voxel_mm(affine)
+
     def on_grid(x):
         return resample_onto(x, affine, shape, grid_affine)
 
+    def level_on_grid(x):
+        return detail_level(at_resolution(x, grid_affine, acquired, target_mm), zooms, region)
+
     start = on_grid(v)
     region = landmark_region(start, zooms)
-    level = detail_level(start, zooms, region)
+    level = level_on_grid(start)
     rec = {"Method": "detail-level matching", "Level": level, "Band": [lo, mean, hi], "Action": "none", "Weight": 0.0,
-           "LevelReached": level}
+           "LevelReached": level, "AcquiredVoxel": [float(x) for x in acquired],
+           "MeasuredAtVoxel": None if target_mm is None else [float(x) for x in np.maximum(acquired, target_mm)]}
     goal = level + _strength(level, lo, hi) * (mean - level)
     rec["LevelGoal"] = goal
     if goal == level:  # inside the band, or under it by less than half its width
@@ -193,7 +246,7 @@ def match_detail(volume: np.ndarray, affine: np.ndarray, band, grid: tuple[tuple
 
     def level_of(w: float) -> float:
         if w not in levels:
-            levels[w] = detail_level(on_grid(v + w * direction), zooms, region)
+            levels[w] = level_on_grid(on_grid(v + w * direction))
         return levels[w]
 
     w = _bisect(level_of, goal, 0.0, top, rising)

@@ -16,6 +16,8 @@ class _StandardiseInputSpec(BaseInterfaceInputSpec):
     source = traits.Str("", usedefault=True, desc="the original T1w, named in errors (and read, to match its detail)")
     band = traits.List(traits.Float, minlen=3, maxlen=3, desc="the model's detail band (min, mean, max): when given, the "
                        "native voxels are standardised and detail-matched here (``bidsharmony.image.detail``)")
+    target_voxel = traits.List(traits.Float, minlen=3, maxlen=3, desc="the target's acquired voxel size (RAS, mm) the band's "
+                               "levels are measured at; unset: as the source was acquired")
 
 
 class _StandardiseOutputSpec(TraitedSpec):
@@ -77,7 +79,8 @@ class Standardise(SimpleInterface):
         orig, data = load_t1w(self.inputs.source)
         native = apply_record(data, record)
         try:
-            native, detail = match_detail(native, orig.affine, self.inputs.band, (standardised.shape, affine))
+            target = self.inputs.target_voxel if isdefined(self.inputs.target_voxel) else None
+            native, detail = match_detail(native, orig.affine, self.inputs.band, (standardised.shape, affine), target)
         except ValueError as e:
             raise ImageError(f"{self.inputs.source}: cannot measure its detail level ({e})") from None
         if detail["Action"] != "none":
@@ -85,11 +88,11 @@ class Standardise(SimpleInterface):
         if detail["Action"] == "denoise" and detail["LevelReached"] > detail["Band"][2]:
             import logging
 
-            # Full denoising left it above the band: more likely a finer resolution than the target's
-            # than noise (the unseen 0.7 and 1 mm scans of the benchmark moved away from IXI-HH so).
+            # Full denoising left it above the band: detail the target's images lack, or noise the
+            # denoiser cannot remove; either way the output still differs from the target's in kind.
             logging.getLogger("bidsharmony").warning(
-                "%s: detail level %.3f is still above the model's band (%.3f) after full denoising: the scan is "
-                "probably finer than the target's images, not noisier; consider --detail none (docs/method.md §8)",
+                "%s: detail level %.3f is still above the model's band (%.3f) after full denoising: the scan holds finer "
+                "detail or more noise than the target's images; consider --detail none (docs/method.md §8)",
                 self.inputs.source, detail["LevelReached"], detail["Band"][2])
         self._results["native_file"] = os.path.join(runtime.cwd, "native.nii")  # read once by Reassemble: not worth compressing
         img = nb.Nifti1Image(native.astype(np.float32), orig.affine, header=orig.header)

@@ -94,7 +94,7 @@ def train(opts, runs, *, device: str, steps: int, batch: int, run_workflow) -> N
     from bidsharmony.errors import BidsHarmonyError
     from bidsharmony.flow.checkpoint import PREPROCESSING
     from bidsharmony.flow.model import PRESETS
-    from bidsharmony.image.detail import BAND
+    from bidsharmony.image.detail import BAND, VOXEL
     from bidsharmony.image.detail import model_entry as detail_entry
     from bidsharmony.image.slices import POSITION_BINS
     from bidsharmony.image.standardise import LANDMARKS, model_entry
@@ -141,11 +141,12 @@ def train(opts, runs, *, device: str, steps: int, batch: int, run_workflow) -> N
     landmarks, volumes = tdata.target_landmarks(prepared, set(train_set.subject.tolist()))
     LOG.info("intensity landmarks of %d training volume(s): %s", volumes, ", ".join(f"{x:.1f}" for x in landmarks))
     meta["preprocessing"]["standardisation"] = model_entry(volumes)
-    band = tdata.target_detail_band(prepared, set(train_set.subject.tolist()), landmarks)
-    LOG.info("detail band (min, mean, max) of the standardised training volumes: %s", ", ".join(f"{x:.3f}" for x in band))
+    band, voxel = tdata.target_detail_band(prepared, set(train_set.subject.tolist()), landmarks)
+    LOG.info("detail band (min, mean, max) of the standardised training volumes at %s mm: %s",
+             " x ".join(f"{x:.2f}" for x in voxel), ", ".join(f"{x:.3f}" for x in band))
     meta["preprocessing"]["detail"] = detail_entry(volumes)
     extras = {"start_images": tdata.mean_start_images(train_set), "target_histogram": tdata.intensity_histogram(train_set),
-              LANDMARKS: landmarks, BAND: band}
+              LANDMARKS: landmarks, BAND: band, VOXEL: voxel}
     stage = new_stage(opts.output_dir, "training")  # built aside, resumable, swapped in when finished
     summary = train_flow(train_set, val, cfg, stage, device=device, extras=extras, meta=meta,
                          progress=sys.stderr.isatty() or opts.verbose > 0, overwrite=opts.overwrite)

@@ -29,14 +29,14 @@ class SliceSet:
 
 def target_landmarks(prepared, subjects: set) -> tuple[np.ndarray, int]:
     """(standard landmarks, how many volumes) fitted on the resampled volumes of ``subjects``
-    (``prepared``: (subject, slices, record, resampled volume) per run), one volume in memory at a
+    (``prepared``: (subject, slices, record, resampled volume, original T1w) per run), one volume in memory at a
     time: the target's intensity scale that harmonization maps every source onto."""
     import nibabel as nb
 
     from bidsharmony.errors import BidsHarmonyError
     from bidsharmony.image.standardise import fit_landmarks
 
-    paths = [path for subject, _, _, path in prepared if subject in subjects]
+    paths = [path for subject, _, _, path, _ in prepared if subject in subjects]
     if not paths:
         raise BidsHarmonyError("no training volume to fit the intensity landmarks on")
     zooms = nb.load(paths[0]).header.get_zooms()[:3]  # every resampled volume has the same voxel size
@@ -46,21 +46,25 @@ def target_landmarks(prepared, subjects: set) -> tuple[np.ndarray, int]:
         raise BidsHarmonyError(f"cannot fit the target's intensity landmarks: {e}") from None
 
 
-def target_detail_band(prepared, subjects: set, landmarks) -> np.ndarray:
-    """(min, mean, max) detail level (``bidsharmony.image.detail``) of the resampled volumes of
-    ``subjects``, each standardised onto ``landmarks`` first, as harmonization measures a source."""
+def target_detail_band(prepared, subjects: set, landmarks) -> tuple[np.ndarray, np.ndarray]:
+    """((min, mean, max) detail level, acquired voxel size) of the target (``bidsharmony.image.detail``):
+    the voxel size is the median over the original T1w of ``subjects`` (RAS axes); the levels are
+    those of their resampled volumes, each standardised onto ``landmarks`` and measured at that
+    voxel size, as harmonization measures a source."""
     import nibabel as nb
 
-    from bidsharmony.image.detail import detail_level, fit_band
+    from bidsharmony.image.detail import at_resolution, detail_level, fit_band, ras_voxel_mm
     from bidsharmony.image.standardise import standardise
 
+    runs = [(path, ras_voxel_mm(nb.load(source).affine)) for subject, _, _, path, source in prepared if subject in subjects]
+    voxel = np.median([acquired for _, acquired in runs], axis=0)
     levels = []
-    for subject, _, _, path in prepared:
-        if subject in subjects:
-            img = nb.load(path)
-            zooms = img.header.get_zooms()[:3]
-            levels.append(detail_level(standardise(np.asanyarray(img.dataobj, dtype=np.float32), landmarks, zooms=zooms), zooms))
-    return fit_band(levels)
+    for path, acquired in runs:
+        img = nb.load(path)
+        zooms = img.header.get_zooms()[:3]
+        volume = standardise(np.asanyarray(img.dataobj, dtype=np.float32), landmarks, zooms=zooms)
+        levels.append(detail_level(at_resolution(volume, img.affine, acquired, voxel), zooms))
+    return fit_band(levels), voxel
 
 
 def load_slice_set(items) -> SliceSet:

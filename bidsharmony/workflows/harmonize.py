@@ -20,14 +20,16 @@ from bidsharmony.interfaces.standardise import Standardise
 from bidsharmony.space import DEFAULT, Space
 
 
-def init_slices_wf(*, space: Space = DEFAULT, omp_nthreads: int = 1, landmarks=None, detail_band=None, name: str = "slices_wf"):
+def init_slices_wf(*, space: Space = DEFAULT, omp_nthreads: int = 1, landmarks=None, detail_band=None, detail_voxel=None,
+                   name: str = "slices_wf"):
     """T1w -> canonical isotropic volume [-> standardised onto ``landmarks`` [-> detail-matched to
     ``detail_band``]] -> normalised slices on the model grid.
 
     The same nodes feed training and harmonization, so both see identical inputs. ``space``: the
     voxel size and slice grid (``Space.of_model`` of the model; ``DEFAULT`` when training one).
     ``landmarks``: the model's (standard landmarks, percentiles) (``model_landmarks``), read once
-    when the workflow is built, not once per run in each node.
+    when the workflow is built, not once per run in each node. ``detail_voxel``: the target's
+    acquired voxel size the band's levels are measured at (``model_detail_voxel``; None: as acquired).
 
     Inputs: ``t1w``. Outputs: ``resampled`` (NIfTI: the volume the slices were cut from, standardised
     when ``landmarks`` are given), ``slices`` (.npy), ``record`` (.npz); with ``landmarks`` also
@@ -56,6 +58,8 @@ def init_slices_wf(*, space: Space = DEFAULT, omp_nthreads: int = 1, landmarks=N
     standardise = pe.Node(Standardise(standard=[float(x) for x in standard], percentiles=percentiles), name="standardise", mem_gb=1.5)
     if detail_band is not None:
         standardise.inputs.band = [float(x) for x in detail_band]
+        if detail_voxel is not None:
+            standardise.inputs.target_voxel = [float(x) for x in detail_voxel]
         wf.connect([(standardise, outputnode, [("native_file", "native")])])
     wf.connect([
         (inputnode, standardise, [("t1w", "source")]),
@@ -143,7 +147,7 @@ def init_harmonize_wf(
     target, JSON).
     """
     from bidsharmony.errors import ModelError
-    from bidsharmony.flow.checkpoint import model_landmarks, read_config, read_folder
+    from bidsharmony.flow.checkpoint import model_detail_voxel, model_landmarks, read_config, read_folder
     from bidsharmony.harmonize.solvers import HarmonizeParams
 
     config = read_config(model)
@@ -165,6 +169,7 @@ def init_harmonize_wf(
         omp_nthreads=omp_nthreads,
         landmarks=landmarks,
         detail_band=band,
+        detail_voxel=model_detail_voxel(model, read) if band is not None else None,
     )
     harmonize = pe.Node(
         Harmonize(model=str(model), params=params, device=device, num_threads=omp_nthreads),

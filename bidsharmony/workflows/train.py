@@ -30,8 +30,8 @@ def init_train_prep_wf(runs, *, space: Space = DEFAULT, omp_nthreads: int = 1, n
     return wf
 
 
-def collect_slices(exec_graph, runs) -> list[tuple[str, str, str, str]]:
-    """(subject, slices.npy, record.npz, resampled volume) per run, from an executed
+def collect_slices(exec_graph, runs) -> list[tuple[str, str, str, str, str]]:
+    """(subject, slices.npy, record.npz, resampled volume, original T1w) per run, from an executed
     ``init_train_prep_wf``."""
     by_name: dict = {}
     for node in exec_graph.nodes():
@@ -40,5 +40,5 @@ def collect_slices(exec_graph, runs) -> list[tuple[str, str, str, str]]:
     out = []
     for run in runs:
         res = by_name[f"{run_name(run['entities'])}_wf"]
-        out.append((run["entities"]["subject"], res["slice"].slices, res["slice"].record, res["resample"].out_file))
+        out.append((run["entities"]["subject"], res["slice"].slices, res["slice"].record, res["resample"].out_file, run["path"]))
     return out

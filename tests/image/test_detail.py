@@ -9,8 +9,11 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from bidsharmony.image.detail import detail_level, fit_band, match_detail
+from bidsharmony.image.detail import at_resolution, detail_level, fit_band, match_detail, ras_voxel_mm
+from tests.conftest import SHARED_DATA
 from tests.image.test_standardise import PHANTOM_MM, _real, phantom
+
+TRIO = SHARED_DATA / "unseen-scanners" / "sub-trio" / "anat" / "sub-trio_T1w.nii.gz"  # 1 mm, never trained on
 
 
 @pytest.fixture(params=["synthetic", "ixi"], scope="module")
@@ -94,3 +97,49 @@ def test_fit_band_orders_min_mean_max():
     assert band.tolist() == [1.0, 2.0, 3.0]
     with pytest.raises(ValueError):
         fit_band([])
+
+
+def test_ras_voxel_mm_follows_the_axes_not_their_order():
+    sagittal = np.array([[0, 0, 1.5, 0], [0.9, 0, 0, 0], [0, 1.1, 0, 0], [0, 0, 0, 1]], float)  # voxel axes (y, z, x)
+    assert ras_voxel_mm(sagittal).tolist() == pytest.approx([1.5, 0.9, 1.1])
+
+
+def test_at_resolution_leaves_a_scan_as_coarse_as_the_target_bit_for_bit(head):
+    v, affine, z = head
+    assert at_resolution(v, affine, z, None) is v
+    assert at_resolution(v, affine, z, z) is v
+    assert at_resolution(v, affine, 2 * np.asarray(z), z) is v
+    assert at_resolution(v, affine, 0.5 * np.asarray(z), z) is v  # the grid holds nothing finer than its voxels
+    finer = at_resolution(v, affine, z, 2 * np.asarray(z))
+    assert finer.shape == v.shape and not np.array_equal(finer, v)
+
+
+def test_a_finer_scan_is_measured_at_the_targets_resolution_and_its_noise_still_counts():
+    """The real 1 mm TrioTim scan against the shipped model (IXI-HH, 2 mm): measured as acquired it
+    lies about twice the band's top, as detail the 2 mm target cannot hold; at the target's voxel size it
+    is inside or near the band and is left alone. Noise added to it still puts it above the band."""
+    import nibabel as nb
+
+    from bidsharmony.flow.checkpoint import model_detail_band, model_detail_voxel, model_landmarks, read_folder
+    from bidsharmony.image.resample import resample_isotropic
+    from bidsharmony.image.standardise import standardise, volume_landmarks
+    from bidsharmony.models import DEFAULT_MODEL, bundled_models
+
+    if not TRIO.is_file():
+        pytest.skip(f"real data not available: {TRIO}")
+    model = bundled_models()[DEFAULT_MODEL]
+    read = read_folder(model)
+    (landmarks, _), band, target = model_landmarks(model, read), model_detail_band(model, read), model_detail_voxel(model, read)
+    assert target.tolist() == [2.0, 2.0, 2.0]  # IXI-HH as stored
+    img = nb.as_closest_canonical(nb.load(TRIO))
+    data = np.asanyarray(img.dataobj, np.float32)
+    v12, a12 = resample_isotropic(data, img.affine, 1.2)
+    native = standardise(data, landmarks, source_landmarks=volume_landmarks(v12))
+    acquired = ras_voxel_mm(img.affine)
+    grid = standardise(v12, landmarks, source_landmarks=volume_landmarks(v12))
+    assert detail_level(grid) > 1.5 * band[2]
+    assert detail_level(at_resolution(grid, a12, acquired, target)) < band[2]
+    out, rec = match_detail(native, img.affine, band, (v12.shape, a12), target)
+    assert rec["Action"] == "none" and out is native and rec["MeasuredAtVoxel"] == [2.0, 2.0, 2.0]
+    noisy = _noisy(grid, fraction=0.08)
+    assert detail_level(at_resolution(noisy, a12, acquired, target)) > band[2]

@@ -128,3 +128,24 @@ def test_checkpoint_files_get_the_mode_the_umask_gives(slices, tmp_path):
         os.umask(previous)
     for name in ("model.safetensors", "config.json", "checkpoint/state.safetensors", "checkpoint/state.json"):
         assert stat.S_IMODE((tmp_path / "m" / name).stat().st_mode) == 0o644, name
+
+
+def test_training_prep_hands_its_files_over_through_a_manifest(example_bids, tmp_path):
+    """The prep workflow (real Nipype, real antspyx) ends in a node that writes one entry per run,
+    in the runs' order, naming files that exist: the trainer reads that, not the executed graph."""
+    import nibabel as nb
+
+    from bidsharmony import bids
+    from bidsharmony.workflows.train import init_train_prep_wf, read_manifest
+
+    runs = bids.collect_t1w(example_bids)
+    wf = init_train_prep_wf(runs, manifest=tmp_path / "manifest.json")
+    wf.base_dir = str(tmp_path / "work")
+    wf.run()
+    prepared = read_manifest(tmp_path / "manifest.json")
+    assert [(p[0], p[4]) for p in prepared] == [(r["entities"]["subject"], str(r["path"])) for r in runs]
+    for _, slices, record, resampled, _ in prepared:
+        assert np.load(slices).ndim == 3 and np.load(record, allow_pickle=False).files
+        assert nb.load(resampled).header.get_zooms()[:3] == pytest.approx((1.2, 1.2, 1.2))
+    names = {str(p[3]) for p in prepared}
+    assert len(names) == len(runs)  # each run its own files

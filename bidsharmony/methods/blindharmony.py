@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import tempfile
 from pathlib import Path
 
 from bidsharmony.argtypes import non_negative_float, non_negative_int, positive_int
@@ -102,13 +103,15 @@ def train(opts, runs, *, device: str, steps: int, batch: int, run_workflow) -> N
     from bidsharmony.space import DEFAULT
     from bidsharmony.train import data as tdata
     from bidsharmony.train.loop import TrainConfig, train_flow
-    from bidsharmony.workflows.train import collect_slices, init_train_prep_wf
+    from bidsharmony.workflows.train import init_train_prep_wf, read_manifest
 
     grid = PRESETS[opts.preset].slice_shape
     LOG.info("preprocessing %d T1w run(s) for training", len(runs))
     space = replace(DEFAULT, slice_shape=tuple(grid))
-    graph = run_workflow(init_train_prep_wf(runs, space=space, omp_nthreads=1))
-    prepared = collect_slices(graph, runs)
+    with tempfile.TemporaryDirectory(prefix="bidsharmony-train-") as tmp:
+        manifest = Path(tmp) / "manifest.json"
+        run_workflow(init_train_prep_wf(runs, manifest=manifest, space=space, omp_nthreads=1))
+        prepared = read_manifest(manifest)
     slices = tdata.load_slice_set(item[:3] for item in prepared)
     if len(slices) < 2:
         raise BidsHarmonyError(f"{opts.bids_dir}: only {len(slices)} slice(s) with head found; cannot train")

@@ -7,6 +7,7 @@ correlation with the source. Its parts live in ``bidsharmony.bhdiff``; the workf
 from __future__ import annotations
 
 import logging
+import tempfile
 from pathlib import Path
 
 from bidsharmony.argtypes import non_negative_float, non_negative_int, positive_int
@@ -71,11 +72,13 @@ def train(opts, runs, *, device: str, steps: int, batch: int, run_workflow) -> N
     from bidsharmony.metrics import slice_histogram
     from bidsharmony.modelfolder import new_stage, publish_training
     from bidsharmony.space import DEFAULT
-    from bidsharmony.workflows.train import init_train_prep_wf
+    from bidsharmony.workflows.train import init_train_prep_wf, read_manifest
 
     LOG.info("preprocessing %d T1w run(s) for bhdiff training", len(runs))
-    graph = run_workflow(init_train_prep_wf(runs, omp_nthreads=1))
-    files = sorted(n.result.outputs.out_file for n in graph.nodes() if n.name == "resample")
+    with tempfile.TemporaryDirectory(prefix="bidsharmony-train-") as tmp:
+        manifest = Path(tmp) / "manifest.json"
+        run_workflow(init_train_prep_wf(runs, manifest=manifest, omp_nthreads=1))
+        files = sorted(resampled for *_, resampled, _ in read_manifest(manifest))
     volumes = [np.asanyarray(nb.load(f).dataobj, dtype=np.float32) for f in files]
     LOG.info("edges and normalisation of %d volume(s)", len(volumes))
     prepared = [prepare_volume(v) for v in volumes]

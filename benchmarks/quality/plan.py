@@ -1,0 +1,21 @@
+"""What the quality benchmark runs and reports: the method's row names, its ablations (each a
+CLI option changed from the defaults) and the scores in its tables. Shared by the runner and the
+report writer."""
+
+LOOP = ["--iterations", "10"]  # the published loop's length (the default runs none)
+ABLATIONS = {
+    # The default is the standardisation and detail matching; each row removes, adds or changes one thing.
+    "standardise": ("the standardisation alone (no detail matching)", ["--detail", "none"]),
+    "loop": ("standardisation + detail matching + the published loop (10 iterations)", LOOP),
+    "published": ("the published method (no standardisation, no detail matching, the loop)", ["--standardise", "none", *LOOP]),
+    "beta_fid0": ("loop, β_fid = 0", [*LOOP, "--beta-fidelity", "0"]),
+    "beta_grad0": ("loop, β_grad = 0", [*LOOP, "--beta-gradient", "0"]),
+    "alpha0": ("loop, α = 0", [*LOOP, "--alpha", "0"]),
+    "latent": ("loop, latent solver", [*LOOP, "--solver", "latent"]),
+    "meanstart": ("loop, mean start", [*LOOP, "--start", "mean"]),
+    "ncc": ("loop, NCC similarity", [*LOOP, "--similarity", "ncc"]),
+}
+UNSEEN_ABLATIONS = ("standardise",)  # also run on the unseen real scanners (the others run the loop: minutes per scan)
+METHOD = "bidsharmony"
+BHDIFF = "bhdiff"
+METRICS = ["psnr_slice", "ssim_slice", "psnr_vol", "ssim_vol", "ncc_vol", "dice", "jump_ratio", "profile_rmse"]

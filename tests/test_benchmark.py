@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from bidsharmony.benchmark import scores
-from bidsharmony.benchmark.peers import make_peers
-from bidsharmony.benchmark.scanners import SCANNERS, simulate, smooth_field
+from benchmarks.quality import scores
+from benchmarks.quality.peers import make_peers
+from bidsharmony.simulation import SCANNERS, simulate, smooth_field
 from tests.conftest import SHARED_DATA
 
 
@@ -147,7 +147,7 @@ def test_quick_mode_runs_the_real_cli_end_to_end(tmp_path):
     ixi = SHARED_DATA / "ixi-hh"
     if not (ixi / "splits.json").is_file():
         pytest.skip(f"real data not available at {ixi}")
-    from bidsharmony.benchmark.run import main
+    from benchmarks.quality.run import main
 
     code = main(["--quick", "--data", str(ixi), "--subjects", "1", "--scanners", "gamma0p7", "--unseen", "none",
                  "--train-subjects", "3", "--cli-args", "--iterations 2 --nprocs 2", "--work", str(tmp_path / "work"),
@@ -166,9 +166,9 @@ def test_quick_mode_runs_the_real_cli_end_to_end(tmp_path):
 
 
 def test_report_scores_the_3d_method_beside_the_2d_one_on_its_own_cases(tmp_path):
-    from bidsharmony.benchmark.report import write_report
-    from bidsharmony.benchmark.plan import BHDIFF, METHOD, METRICS
-    from bidsharmony.benchmark.run import parse_args
+    from benchmarks.quality.report import write_report
+    from benchmarks.quality.plan import BHDIFF, METHOD, METRICS
+    from benchmarks.quality.run import parse_args
 
     args = parse_args(["--scanners", "gamma0p7,bias,noise", "--ablations", "none", "--bhdiff-model", "m",
                        "--bhdiff-scanners", "bias,noise,blur", "--out", str(tmp_path)])  # fmt: skip
@@ -200,8 +200,8 @@ def test_report_scores_the_3d_method_beside_the_2d_one_on_its_own_cases(tmp_path
 def test_biology_section_reports_each_methods_change_of_the_gm_fraction_age_correlation():
     """Known answers: a method whose GM fractions are the truth's keeps r exactly (Δr 0); one that
     reverses their order with age loses it and is marked; scores.gm_fraction counts label 2."""
-    from bidsharmony.benchmark.report import biology_section
-    from bidsharmony.benchmark.scores import correlation, gm_fraction
+    from benchmarks.quality.report import biology_section
+    from benchmarks.quality.scores import correlation, gm_fraction
 
     assert gm_fraction(np.array([0, 1, 2, 2, 3])) == 0.5
     assert np.isnan(correlation([1, 2], [3, 4])) and correlation([1, 2, 3], [2, 4, 6]) == pytest.approx(1.0)

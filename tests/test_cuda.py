@@ -1,6 +1,6 @@
 """Checks that need a CUDA GPU (marker ``cuda``); they skip without one.
 
-``bench/gpu_window.py`` runs them first on a GPU machine, where only torch, numpy, scipy and
+``benchmarks/gpu_window.py`` runs them first on a GPU machine, where only torch, numpy, scipy and
 safetensors are installed: nothing here may need nibabel, pybids, nipype or antspyx, nor a pytest
 fixture (the window can run these as plain functions).
 """
@@ -175,7 +175,7 @@ def test_flow_is_invertible_on_cuda_and_agrees_with_the_cpu():
 def test_gpu_window_bf16_conditioners_keep_the_flow_invertible():
     import sys
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     from gpu_window import conditioners_in
 
     from bidsharmony.flow.scaling import to_flow

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-BENCH = REPO / "bench"
+BENCH = REPO / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
 import gpu_window_io as gwio  # noqa: E402

@@ -63,9 +63,9 @@ def test_the_shipped_model_brings_a_simulated_scanner_to_the_truth_blind(tmp_pat
     simulation): volume PSNR against the truth gains well over the untreated input, no slice steps
     beyond 1.1× the truth's, and the output correlates with the source at ≥ 0.95 in the head (no
     invented anatomy). Nothing here is fitted on the TEST head."""
-    from bidsharmony.benchmark import scores
-    from bidsharmony.benchmark.run import load_subject, t1w_path
-    from bidsharmony.benchmark.scanners import simulate
+    from benchmarks.quality import scores
+    from benchmarks.quality.run import load_subject, t1w_path
+    from bidsharmony.simulation import simulate
     from bidsharmony.models import default_model
     from bidsharmony.workflows.harmonize import init_harmonize_wf
 

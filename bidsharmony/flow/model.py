@@ -46,7 +46,7 @@ PRESETS: dict[str, FlowConfig] = {
     # docs/method.md §2: 4 x 7 steps, K=8, B=3, 96 hidden channels, 3 residual blocks.
     "paper": FlowConfig(),
     # About 20x faster than `paper` on a CPU: a whole 1.2 mm volume (~160 head slices) harmonizes
-    # in about a minute on 2 CPU cores (bench/flow_throughput.py measures it).
+    # in about a minute on 2 CPU cores (benchmarks/flow_throughput.py measures it).
     "fast": FlowConfig(levels=4, steps=3, hidden=32, blocks=1),
     # Seconds to train on a CPU: for tests.
     "tiny": FlowConfig(levels=2, steps=2, hidden=8, blocks=1),

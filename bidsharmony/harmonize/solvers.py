@@ -38,7 +38,7 @@ class HarmonizeParams:
     alpha: float = 1e-3
     beta_fidelity: float = 1e3
     beta_gradient: float = 1e-3
-    # bench/quality_probe.py: per slice, the mean target start gains 3-6 dB on contrast changes and
+    # benchmarks/quality_probe.py: per slice, the mean target start gains 3-6 dB on contrast changes and
     # NCC beats the cosine; but reassembled volumes then show slice-to-slice intensity steps 5-7x the
     # input's (nothing anchors a slice's level to its neighbours). Until an inter-slice consistency
     # step exists, the default is the safe one: start from the source (the published cosine).

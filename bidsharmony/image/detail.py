@@ -35,7 +35,7 @@ of u (resampled to the grid the level is defined on) equals that goal. Both act 
 on the voxels they are given (the native grid: the output the user reads is not a resampling of the
 filtered image), and are deterministic.
 
-Measured on held-out TRAIN subjects under the benchmark's simulated scanners (``bench/detail_probe.py``):
+Measured on held-out TRAIN subjects under the benchmark's simulated scanners (``benchmarks/detail_probe.py``):
 see docs/method.md §8 and docs/benchmarks/.
 """
 

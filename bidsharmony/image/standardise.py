@@ -21,7 +21,7 @@ between them and extended beyond λ_K with the last segment's slope (and below �
 first's). τ is monotone (landmarks are non-decreasing; ties are separated by a negligible step), so
 the image's order of intensities is kept; the background goes to 0 and stays the darkest.
 
-The region and the percentiles (5, 25, 50, 75, 95) were chosen with ``bench/standardise_probe.py``
+The region and the percentiles (5, 25, 50, 75, 95) were chosen with ``benchmarks/standardise_probe.py``
 and its exploration (fit on TRAIN; scored on simulated scanners of held-out TRAIN and of TEST
 subjects, and on the unseen real scanners' brain histograms): Nyúl's deciles score lower on the
 simulated scanners, and landmarks of the whole head (every percentile set tried) moved at least

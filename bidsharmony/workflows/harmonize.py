@@ -96,7 +96,7 @@ def resolve_detail(requested: str, standardise: str, model, read: tuple | None =
     band = model_detail_band(model, read)
     if band is None:
         if requested == "match":
-            raise ModelError(f"{model}: the model has no detail band; refit it (bench/fit_landmarks.py) or pass --detail none")
+            raise ModelError(f"{model}: the model has no detail band; refit it (benchmarks/fit_landmarks.py) or pass --detail none")
         return "none", None
     return "match", band
 

@@ -1,8 +1,0 @@
-"""The quality benchmark: simulated source scanners with known truth, the real CLI, classical peers.
-
-    python -m bidsharmony.benchmark --quick          # minutes on 2 CPU cores
-    python -m bidsharmony.benchmark --subjects 35    # the full run (a GPU helps)
-
-``scanners`` makes the sources, ``peers`` the classical normalisations, ``scores`` the metrics,
-``run`` drives the CLI and writes the tables, ``figures`` the plots.
-"""

@@ -1,3 +1,0 @@
-from bidsharmony.benchmark.run import main
-
-raise SystemExit(main())

@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 
 SCANNERS = {
-    # name: (gamma, bias field amplitude, noise fraction, scale): ``bidsharmony.simulation.scan``
-    "A": (0.8, 1.15, 0.01, 900.0),
-    "B": (1.3, 1.25, 0.02, 2500.0),
+    # name: (gamma, bias ramp ±, noise fraction, scale): ``bidsharmony.simulation.scan``
+    "A": (0.8, 0.15, 0.01, 900.0),
+    "B": (1.3, 0.25, 0.02, 2500.0),
 }
 
 

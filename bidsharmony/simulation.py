@@ -53,6 +53,15 @@ def smooth_field(shape, rng: np.random.Generator, amplitude: float, control: int
     return np.exp(np.log(amplitude) * g / max(np.abs(g).max(), 1e-12)).astype(np.float32)
 
 
+def ramp_field(shape, rng: np.random.Generator, amplitude: float) -> np.ndarray:
+    """1 + a·tanh(c·x): a sensitivity that rises across the volume in a random direction c ~ N(0, I)
+    (x in [-1, 1]³), between 1 − a and 1 + a; unlike ``smooth_field`` its mean need not be 1, so it
+    also changes the volume's overall level, as moving a head in a coil does."""
+    grids = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+    c = rng.normal(size=3)
+    return (1.0 + amplitude * np.tanh(sum(ci * x for ci, x in zip(c, grids)))).astype(np.float32)
+
+
 def rician(u: np.ndarray, rng: np.random.Generator, sigma: float) -> np.ndarray:
     """Rician noise of scale ``sigma`` (the magnitude of a complex signal u + n1 + i n2, n ~ N(0, σ²))."""
     n1, n2 = (sigma * rng.standard_normal(u.shape, dtype=np.float32) for _ in range(2))
@@ -61,12 +70,12 @@ def rician(u: np.ndarray, rng: np.random.Generator, sigma: float) -> np.ndarray:
 
 def scan(u: np.ndarray, rng: np.random.Generator, *, gamma: float = 1.0, bias: float = 1.0, noise: float = 0.0,
          scale: float = 1.0) -> np.ndarray:
-    """Several effects at once, in the order a scanner adds them: the contrast u^γ, a smooth bias
-    field of ``amplitude`` bias (``smooth_field``), Rician noise of σ = ``noise`` × the maximum, then
+    """Several effects at once, in the order a scanner adds them: the contrast u^γ, a coil's
+    sensitivity ramp 1 ± ``bias`` (``ramp_field``), Rician noise of σ = ``noise`` × the maximum, then
     arbitrary units (× ``scale``). ``u``: a non-negative volume, about [0, 1]."""
     out = np.power(np.asarray(u, np.float32), gamma)
-    if bias != 1.0:
-        out = out * smooth_field(out.shape, rng, amplitude=bias)
+    if bias:
+        out = out * ramp_field(out.shape, rng, bias)
     if noise:
         out = rician(out, rng, noise * float(out.max()))
     return (scale * out).astype(np.float32)

@@ -68,13 +68,13 @@ def test_detail_none_and_models_without_a_band(tiny_model, tmp_path):
     del tensors[f"extra.{BAND}"], cfg["preprocessing"]["detail"], cfg["weights_sha256"]
     write_folder(tmp_path / "old", tensors, cfg)
     with pytest.raises(ModelError, match="no detail band"):
-        init_harmonize_wf(tmp_path / "old", {"detail": "match"})
-    assert init_harmonize_wf(tmp_path / "old", {}).get_node("harmonize").inputs.params["detail"] == "none"
+        init_harmonize_wf(model=tmp_path / "old", params={"detail": "match"})
+    assert init_harmonize_wf(model=tmp_path / "old", params={}).get_node("harmonize").inputs.params["detail"] == "none"
     assert model_detail_band(tmp_path / "old") is None
     with pytest.raises(ModelError, match="needs the standardisation"):
-        init_harmonize_wf(tiny_model, {"detail": "match", "standardise": "none"})
-    assert init_harmonize_wf(tiny_model, {"standardise": "none"}).get_node("harmonize").inputs.params["detail"] == "none"
-    assert init_harmonize_wf(tiny_model, {}).get_node("harmonize").inputs.params["detail"] == "match"
+        init_harmonize_wf(model=tiny_model, params={"detail": "match", "standardise": "none"})
+    assert init_harmonize_wf(model=tiny_model, params={"standardise": "none"}).get_node("harmonize").inputs.params["detail"] == "none"
+    assert init_harmonize_wf(model=tiny_model, params={}).get_node("harmonize").inputs.params["detail"] == "match"
 
 
 def test_the_participant_sidecar_and_methods_name_the_detail_matching(participant_run):

@@ -216,7 +216,8 @@ def test_min_mem_is_the_largest_fixed_node_of_every_workflow(example_bids, tmp_p
     runs = bids.collect_t1w(example_bids)
     (tmp_path / "bhdiff").mkdir()
     (tmp_path / "bhdiff" / "config.json").write_text(json.dumps({"architecture": {"base": 8}}))
-    wfs = [init_bidsharmony_wf(runs, tmp_path / "out", default_model()), init_train_prep_wf(runs, manifest=tmp_path / "manifest.json"), init_bhdiff_wf(tmp_path / "bhdiff")]
+    wfs = [init_bidsharmony_wf(runs=runs, out_dir=tmp_path / "out", model=default_model()),
+           init_train_prep_wf(runs=runs, manifest=tmp_path / "manifest.json"), init_bhdiff_wf(model=tmp_path / "bhdiff")]
     fixed = [n.mem_gb for wf in wfs for n in wf._get_all_nodes() if n.name != "harmonize"]
     assert max(fixed) == MIN_MEM_GB
 

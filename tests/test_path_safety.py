@@ -161,7 +161,7 @@ def test_inputs_differing_only_in_an_uncommon_entity_get_distinct_outputs(writab
     names = [bids.derivative_name(r["entities"]) for r in runs]
     assert names == ["sub-01_ses-1_echo-1_part-mag_desc-harmonized_T1w.nii.gz",
                      "sub-01_ses-1_echo-2_part-mag_desc-harmonized_T1w.nii.gz"]  # fmt: skip
-    wf = init_bidsharmony_wf(runs, tmp_path / "out", tiny_model, {})  # raised 'Duplicate node name' before
+    wf = init_bidsharmony_wf(runs=runs, out_dir=tmp_path / "out", model=tiny_model, params={})  # raised 'Duplicate node name' before
     assert all(wf.get_node(f"sub_01_ses_1_echo_{e}_part_mag_{n}") for e in (1, 2) for n in ("wf", "ds", "report"))
 
 

@@ -78,7 +78,7 @@ def test_the_shipped_model_brings_a_simulated_scanner_to_the_truth_blind(tmp_pat
     source = simulate("gamma1p5", truth, tissue, canon.header.get_zooms()[:3], 0)
     src_path = tmp_path / "sub-sim_T1w.nii.gz"
     nb.Nifti1Image(source, canon.affine).to_filename(src_path)
-    wf = init_harmonize_wf(default_model(), {"iterations": 2}, device="cpu")
+    wf = init_harmonize_wf(model=default_model(), params={"iterations": 2}, device="cpu")
     wf.base_dir = str(tmp_path / "work")
     wf.get_node("inputnode").inputs.t1w = str(src_path)
     graph = wf.run(plugin="Linear")

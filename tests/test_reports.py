@@ -223,7 +223,7 @@ def test_a_figure_that_cannot_be_drawn_does_not_hold_back_the_derivative(partici
     from bidsharmony.workflows.base import init_bidsharmony_wf
 
     runs = bids.collect_t1w(participant_run["bids"], participants=["01"])
-    wf = init_bidsharmony_wf(runs, tmp_path / "o", tiny_model)
+    wf = init_bidsharmony_wf(runs=runs, out_dir=tmp_path / "o", model=tiny_model)
     for label in ("sub_01_ses_1", "sub_01_ses_2"):
         report, quality, sink = (wf.get_node(f"{label}_{n}") for n in ("report", "quality", "ds"))
         assert nx.has_path(wf._graph, quality, sink) and not nx.has_path(wf._graph, report, sink)

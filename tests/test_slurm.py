@@ -23,7 +23,7 @@ def _workflow(example_bids, tiny_model, tmp_path):
     runs = bids.collect_t1w(example_bids, [], [], {})
     params = {"iterations": 1, "alpha": 1e-3, "beta_fidelity": 1e3, "beta_gradient": 1e-3, "similarity": "cosine",
               "start": "source", "solver": "alternating", "latent_lr": 0.05, "batch_size": 8, "seed": 0}
-    return init_bidsharmony_wf(runs, tmp_path / "out", str(tiny_model), params, device="cpu", omp_nthreads=2)
+    return init_bidsharmony_wf(runs=runs, out_dir=tmp_path / "out", model=str(tiny_model), params=params, device="cpu", omp_nthreads=2)
 
 
 def test_every_node_asks_the_scheduler_for_its_declared_memory_and_cores(example_bids, tiny_model, tmp_path):

@@ -25,6 +25,6 @@ def test_the_workflow_resamples_to_the_models_voxel_size(tiny_model, tmp_path):
     cfg = {k: v for k, v in cfg.items() if k != "weights_sha256"}
     cfg["preprocessing"]["voxel_size"] = 1.5
     write_folder(tmp_path / "coarse", tensors, cfg)
-    wf = init_harmonize_wf(tmp_path / "coarse", {})
+    wf = init_harmonize_wf(model=tmp_path / "coarse", params={})
     assert wf.get_node("slices_wf.resample").inputs.voxel_size == 1.5
     assert tuple(wf.get_node("slices_wf.slice").inputs.grid_shape) == tuple(cfg["architecture"]["slice_shape"])

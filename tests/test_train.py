@@ -139,7 +139,7 @@ def test_training_prep_hands_its_files_over_through_a_manifest(example_bids, tmp
     from bidsharmony.workflows.train import init_train_prep_wf, read_manifest
 
     runs = bids.collect_t1w(example_bids)
-    wf = init_train_prep_wf(runs, manifest=tmp_path / "manifest.json")
+    wf = init_train_prep_wf(runs=runs, manifest=tmp_path / "manifest.json")
     wf.base_dir = str(tmp_path / "work")
     wf.run()
     prepared = read_manifest(tmp_path / "manifest.json")

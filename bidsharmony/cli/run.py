@@ -118,7 +118,7 @@ def run_participant(opts, nprocs: int, omp: int, work_dir: Path, log_dir: Path) 
         remove_stale_partials(opts.output_dir, subjects)
         if opts.clean_workdir:
             clean_work_dir(work_dir, runs)
-        wf = init_bidsharmony_wf(runs, opts.output_dir, model.folder, params, device=device, output_space=opts.output_space,
+        wf = init_bidsharmony_wf(runs=runs, out_dir=opts.output_dir, model=model.folder, params=params, device=device, output_space=opts.output_space,
                                  omp_nthreads=omp, method=opts.method)
         wf.base_dir = str(work_dir)
         t0 = time.perf_counter()

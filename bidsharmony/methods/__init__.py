@@ -13,7 +13,7 @@ A method is a module that provides, for the CLI, the participant workflow and th
 ``check_model(model) -> ModelInfo``
     the model folder it will use (``model`` is ``--model`` or ``None``), checked before anything is
     written, so a bad folder fails in one line and not in a node.
-``init_wf(model, params, *, device, output_space, omp_nthreads, name)``
+``init_wf(*, model, params, device, output_space, omp_nthreads, name)``
     the harmonization workflow of one T1w: ``inputnode.t1w`` in; ``outputnode.harmonized``,
     ``info`` (dict), ``trace`` and ``histograms`` (JSON files) out.
 ``train_defaults(gpu) -> ((steps, batch), why)``

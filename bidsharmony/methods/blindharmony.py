@@ -73,11 +73,11 @@ def check_model(model: Path | None) -> ModelInfo:
     return ModelInfo(folder, loaded.name, loaded.sha256)
 
 
-def init_wf(model, params: dict, *, device: str = "auto", output_space: str = "native", omp_nthreads: int = 1,
+def init_wf(*, model, params: dict, device: str = "auto", output_space: str = "native", omp_nthreads: int = 1,
             name: str = "harmonize_wf"):
     from bidsharmony.workflows.harmonize import init_harmonize_wf
 
-    return init_harmonize_wf(model, params, device=device, output_space=output_space, omp_nthreads=omp_nthreads, name=name)
+    return init_harmonize_wf(model=model, params=params, device=device, output_space=output_space, omp_nthreads=omp_nthreads, name=name)
 
 
 def train_defaults(gpu: bool) -> tuple[tuple[int, int], str]:
@@ -110,7 +110,7 @@ def train(opts, runs, *, device: str, steps: int, batch: int, run_workflow) -> N
     space = replace(DEFAULT, slice_shape=tuple(grid))
     with tempfile.TemporaryDirectory(prefix="bidsharmony-train-") as tmp:
         manifest = Path(tmp) / "manifest.json"
-        run_workflow(init_train_prep_wf(runs, manifest=manifest, space=space, omp_nthreads=1))
+        run_workflow(init_train_prep_wf(runs=runs, manifest=manifest, space=space, omp_nthreads=1))
         prepared = read_manifest(manifest)
     slices = tdata.load_slice_set(item[:3] for item in prepared)
     if len(slices) < 2:

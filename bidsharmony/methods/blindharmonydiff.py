@@ -47,11 +47,11 @@ def check_model(model: Path | None) -> ModelInfo:
     return ModelInfo(Path(model), cfg.get("name"), cfg["weights_sha256"])
 
 
-def init_wf(model, params: dict, *, device: str = "auto", output_space: str = "native", omp_nthreads: int = 1,
+def init_wf(*, model, params: dict, device: str = "auto", output_space: str = "native", omp_nthreads: int = 1,
             name: str = "bhdiff_wf"):
     from bidsharmony.workflows.bhdiff import init_bhdiff_wf
 
-    return init_bhdiff_wf(model, params, device=device, output_space=output_space, omp_nthreads=omp_nthreads, name=name)
+    return init_bhdiff_wf(model=model, params=params, device=device, output_space=output_space, omp_nthreads=omp_nthreads, name=name)
 
 
 def train_defaults(gpu: bool) -> tuple[tuple[int, int], str]:
@@ -77,7 +77,7 @@ def train(opts, runs, *, device: str, steps: int, batch: int, run_workflow) -> N
     LOG.info("preprocessing %d T1w run(s) for bhdiff training", len(runs))
     with tempfile.TemporaryDirectory(prefix="bidsharmony-train-") as tmp:
         manifest = Path(tmp) / "manifest.json"
-        run_workflow(init_train_prep_wf(runs, manifest=manifest, omp_nthreads=1))
+        run_workflow(init_train_prep_wf(runs=runs, manifest=manifest, omp_nthreads=1))
         files = sorted(resampled for *_, resampled, _ in read_manifest(manifest))
     volumes = [np.asanyarray(nb.load(f).dataobj, dtype=np.float32) for f in files]
     LOG.info("edges and normalisation of %d volume(s)", len(volumes))

@@ -60,7 +60,7 @@ def model_facts(model) -> dict:
     return facts
 
 
-def init_bidsharmony_wf(runs, out_dir, model, params=None, *, device="auto", output_space="native", omp_nthreads=1,
+def init_bidsharmony_wf(*, runs, out_dir, model, params=None, device="auto", output_space="native", omp_nthreads=1,
                         method="flow", name=None):
     """The participant workflow: for each run, ``method``'s harmonization workflow (``methods/``),
     then ``quality`` (the sidecar's slice-step figure, scanner and model facts) → ``ds`` (the
@@ -87,7 +87,7 @@ def init_bidsharmony_wf(runs, out_dir, model, params=None, *, device="auto", out
     wf = pe.Workflow(name=name or workflow_name())
     for run in runs:
         label = run_name(run["entities"])
-        hwf = impl.init_wf(model, params, device=device, output_space=output_space, omp_nthreads=omp_nthreads, name=f"{label}_wf")
+        hwf = impl.init_wf(model=model, params=params, device=device, output_space=output_space, omp_nthreads=omp_nthreads, name=f"{label}_wf")
         hwf.get_node("inputnode").inputs.t1w = run["path"]
         quality = pe.Node(RunQuality(source=run["path"], scanner=run.get("scanner") or {}, model_facts=facts),
                           name=f"{label}_quality", mem_gb=1.0)  # fmt: skip

@@ -15,7 +15,7 @@ def bhdiff_mem_gb(shape=(150, 180, 150), base: int = 32) -> float:
     return round(1.0 + 12 * base * voxels * 4 / 2**30, 1)
 
 
-def init_bhdiff_wf(model, params: dict | None = None, *, device: str = "auto", output_space: str = "native",
+def init_bhdiff_wf(*, model, params: dict | None = None, device: str = "auto", output_space: str = "native",
                    omp_nthreads: int = 1, name: str = "bhdiff_wf"):
     """Harmonize one T1w with a BlindHarmonyDiff model folder.
 
@@ -41,4 +41,4 @@ def init_bhdiff_wf(model, params: dict | None = None, *, device: str = "auto", o
     harmonize = pe.Node(BHDiffHarmonize(model=str(model), params=params, device=device, num_threads=omp_nthreads),
                         name="harmonize", n_procs=omp_nthreads,
                         mem_gb=bhdiff_mem_gb(base=config.get("architecture", {}).get("base", 32)))  # fmt: skip
-    return init_volume_wf(harmonize, space=Space.of_model(config), output_space=output_space, omp_nthreads=omp_nthreads, name=name)
+    return init_volume_wf(harmonize=harmonize, space=Space.of_model(config), output_space=output_space, omp_nthreads=omp_nthreads, name=name)

@@ -121,9 +121,9 @@ def resolve_standardise(requested: str, config: dict, model) -> str:
 
 
 def init_harmonize_wf(
+    *,
     model,
     params: dict | None = None,
-    *,
     device: str = "auto",
     output_space: str = "native",
     omp_nthreads: int = 1,

@@ -16,7 +16,7 @@ from bidsharmony.workflows.harmonize import init_slices_wf
 _FIELDS = (("resampled", "resampled"), ("slices", "slices"), ("record", "records"))  # (slices_wf output, manifest input)
 
 
-def init_train_prep_wf(runs, *, manifest: Path, space: Space = DEFAULT, omp_nthreads: int = 1, name: str = "train_prep_wf"):
+def init_train_prep_wf(*, runs, manifest: Path, space: Space = DEFAULT, omp_nthreads: int = 1, name: str = "train_prep_wf"):
     """The target dataset's preprocessing for training: per T1w run, the harmonization's own
     ``init_slices_wf`` (no standardisation: training fits the landmarks it would use).
 

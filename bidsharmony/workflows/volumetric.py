@@ -11,7 +11,7 @@ from bidsharmony.interfaces.slicing import Reassemble
 from bidsharmony.space import DEFAULT, Space
 
 
-def init_volume_wf(harmonize: pe.Node, *, space: Space = DEFAULT, output_space: str = "native", omp_nthreads: int = 1, name: str):
+def init_volume_wf(*, harmonize: pe.Node, space: Space = DEFAULT, output_space: str = "native", omp_nthreads: int = 1, name: str):
     """Wrap ``harmonize``, a node named ``harmonize`` whose interface declares
     ``interfaces.volumetric.VolumeInputSpec`` and ``VolumeOutputSpec``; ``space``: the model's
     (``Space.of_model``), whose voxel size the volume is resampled to.

@@ -29,7 +29,7 @@ def check_model(model: Path | None) -> ModelInfo:
     return ModelInfo(None, "none", "")
 
 
-def init_wf(model, params: dict, *, device: str = "auto", output_space: str = "native", omp_nthreads: int = 1,
+def init_wf(*, model, params: dict, device: str = "auto", output_space: str = "native", omp_nthreads: int = 1,
             name: str = "identity_wf"):
     """resample (1.2 mm RAS) → identity → reassemble (native grid, or the 1.2 mm one).
 
@@ -41,7 +41,7 @@ def init_wf(model, params: dict, *, device: str = "auto", output_space: str = "n
     from bidsharmony.workflows.volumetric import init_volume_wf
 
     harmonize = pe.Node(IdentityHarmonize(), name="harmonize", mem_gb=1.0)
-    return init_volume_wf(harmonize, output_space=output_space, omp_nthreads=omp_nthreads, name=name)
+    return init_volume_wf(harmonize=harmonize, output_space=output_space, omp_nthreads=omp_nthreads, name=name)
 
 
 def train_defaults(gpu: bool) -> tuple[tuple[int, int], str]:

@@ -38,8 +38,8 @@ def test_every_method_offers_the_whole_protocol(name):
     assert params(module.check_model, positional) == ["model"]
     assert params(module.harmonize_params, positional) == ["opts", "device"]
     assert params(module.add_arguments, positional) == ["harmonization", "training"]
-    assert params(module.init_wf, positional) == ["model", "params"]
-    assert params(module.init_wf, keyword) == ["device", "output_space", "omp_nthreads", "name"]
+    assert params(module.init_wf, positional) == []  # a workflow factory takes keywords only, as the nipreps' do
+    assert params(module.init_wf, keyword) == ["model", "params", "device", "output_space", "omp_nthreads", "name"]
     assert params(module.train, keyword) == ["device", "steps", "batch", "run_workflow"]
     (steps, batch), why = module.train_defaults(False)
     assert isinstance(steps, int) and isinstance(batch, int) and why

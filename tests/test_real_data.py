@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from .conftest import SHARED_DATA, tree_digest
-from .test_cli import _slice_jumps
+from tests.cli.test_cli import _slice_jumps
 
 SOURCES = {
     "ixi": SHARED_DATA / "ixi-hh" / "sub-IXI012" / "anat" / "sub-IXI012_T1w.nii.gz",

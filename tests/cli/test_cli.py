@@ -21,7 +21,7 @@ from bidsharmony.errors import (
     EXIT_USAGE,
 )
 
-from .conftest import RUN_OPTIONS, tree_digest
+from tests.conftest import RUN_OPTIONS, tree_digest
 
 
 def _run(capsys, *args):

@@ -18,7 +18,7 @@ from bidsharmony.cli.run import main
 from bidsharmony.reports.html import run_warnings
 
 from .browser import Browser, chromium
-from .conftest import RUN_OPTIONS
+from tests.conftest import RUN_OPTIONS
 
 
 def _sidecars(out: Path) -> list[Path]:

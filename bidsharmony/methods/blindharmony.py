@@ -75,6 +75,8 @@ def check_model(model: Path | None) -> ModelInfo:
 
 def init_wf(*, model, params: dict, device: str = "auto", output_space: str = "native", omp_nthreads: int = 1,
             name: str = "harmonize_wf"):
+    """The method's workflow: ``workflows.harmonize.init_harmonize_wf``, whose docstring gives its
+    parameters, inputs (``t1w``) and outputs (``harmonized``, ``info``, ``trace``, ``histograms``)."""
     from bidsharmony.workflows.harmonize import init_harmonize_wf
 
     return init_harmonize_wf(model=model, params=params, device=device, output_space=output_space, omp_nthreads=omp_nthreads, name=name)

@@ -49,6 +49,8 @@ def check_model(model: Path | None) -> ModelInfo:
 
 def init_wf(*, model, params: dict, device: str = "auto", output_space: str = "native", omp_nthreads: int = 1,
             name: str = "bhdiff_wf"):
+    """The method's workflow: ``workflows.bhdiff.init_bhdiff_wf``, whose docstring gives its
+    parameters, inputs (``t1w``) and outputs (``harmonized``, ``info``, ``trace``, ``histograms``)."""
     from bidsharmony.workflows.bhdiff import init_bhdiff_wf
 
     return init_bhdiff_wf(model=model, params=params, device=device, output_space=output_space, omp_nthreads=omp_nthreads, name=name)

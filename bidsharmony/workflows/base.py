@@ -79,6 +79,14 @@ def init_bidsharmony_wf(*, runs, out_dir, model, params=None, device="auto", out
         The method's parameters (``harmonize_params``).
     method : str
         A name in ``methods.METHODS``.
+    device, output_space, omp_nthreads
+        Passed to the method's ``init_wf``.
+    name : str
+        The workflow's name (default: ``bidsharmony_<version>_wf``, so a new version gets a new
+        work directory).
+
+    Inputs: none (each run's ``t1w`` is set). Outputs: none: each run's derivative, sidecar and
+    figures are written under ``out_dir`` by its ``ds`` and ``report`` nodes.
     """
     from bidsharmony import methods
 

@@ -25,11 +25,22 @@ def init_slices_wf(*, space: Space = DEFAULT, omp_nthreads: int = 1, landmarks=N
     """T1w -> canonical isotropic volume [-> standardised onto ``landmarks`` [-> detail-matched to
     ``detail_band``]] -> normalised slices on the model grid.
 
-    The same nodes feed training and harmonization, so both see identical inputs. ``space``: the
-    voxel size and slice grid (``Space.of_model`` of the model; ``DEFAULT`` when training one).
-    ``landmarks``: the model's (standard landmarks, percentiles) (``model_landmarks``), read once
-    when the workflow is built, not once per run in each node. ``detail_voxel``: the target's
-    acquired voxel size the band's levels are measured at (``model_detail_voxel``; None: as acquired).
+    The same nodes feed training and harmonization, so both see identical inputs.
+
+    Parameters
+    ----------
+    space : Space
+        The voxel size and slice grid (``Space.of_model`` of the model; ``DEFAULT`` when training one).
+    omp_nthreads : int
+        Threads for resampling.
+    landmarks : (array, list) or None
+        The model's (standard landmarks, percentiles) (``model_landmarks``), read once when the
+        workflow is built, not once per run in each node; None: no standardisation (training).
+    detail_band : array or None
+        The model's (min, mean, max) detail band; None: no detail matching.
+    detail_voxel : array or None
+        The target's acquired voxel size the band's levels are measured at (``model_detail_voxel``;
+        None: as acquired).
 
     Inputs: ``t1w``. Outputs: ``resampled`` (NIfTI: the volume the slices were cut from, standardised
     when ``landmarks`` are given), ``slices`` (.npy), ``record`` (.npz); with ``landmarks`` also

@@ -12,9 +12,19 @@ from bidsharmony.space import DEFAULT, Space
 
 
 def init_volume_wf(*, harmonize: pe.Node, space: Space = DEFAULT, output_space: str = "native", omp_nthreads: int = 1, name: str):
-    """Wrap ``harmonize``, a node named ``harmonize`` whose interface declares
-    ``interfaces.volumetric.VolumeInputSpec`` and ``VolumeOutputSpec``; ``space``: the model's
-    (``Space.of_model``), whose voxel size the volume is resampled to.
+    """resample → ``harmonize`` (a whole volume at once) → reassemble, for methods that do not slice.
+
+    Parameters
+    ----------
+    harmonize : Node
+        Named ``harmonize``; its interface declares ``interfaces.volumetric.VolumeInputSpec`` and
+        ``VolumeOutputSpec``.
+    space : Space
+        The model's (``Space.of_model``): the voxel size the volume is resampled to.
+    output_space : str
+        ``native`` (the input's own grid) or the space's RAS grid.
+    omp_nthreads : int
+        Threads for resampling.
 
     Inputs: ``t1w``. Outputs: ``harmonized`` (NIfTI, native grid or the space's), ``info``, ``trace``,
     ``histograms`` (as ``init_harmonize_wf``).

@@ -1,0 +1,111 @@
+"""How far can a classical denoiser take the noise scanner? Held-out TRAIN subjects only.
+
+Each subject's noise scanner (the benchmark's: Rician, σ = 4 % of the brain's 99th percentile) is
+standardised as the pipeline does; then scored against the truth in the brain (volume PSNR): the
+detail matching as shipped, and each denoiser in full and blended half and three-quarters of the
+way (u = v + w (D(v) − v)), the best blend an oracle (it sees the truth). ANTs non-local means
+(Manjón et al. 2010) at two search radii, scikit-image's total variation, wavelet BayesShrink and
+non-local means. Needs ``pip install -e .[bench]``.
+
+    python benchmarks/denoise_probe.py [--subjects 2]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import common
+import nibabel as nb
+import numpy as np
+
+from benchmarks.quality import run, scores
+from bidsharmony.flow.checkpoint import model_detail_band, model_detail_voxel, model_landmarks, read_folder
+from bidsharmony.image.detail import match_detail
+from bidsharmony.image.resample import resample_isotropic, to_ants
+from bidsharmony.image.slices import head_mask
+from bidsharmony.image.standardise import standardise, volume_landmarks
+from bidsharmony.simulation import simulate
+
+DATA = common.REPO.parent / "shared" / "data" / "ixi-hh"
+MODEL = common.REPO / "bidsharmony" / "data" / "models" / "ixi-hh-fast"
+BLENDS = (0.5, 0.75, 1.0)
+
+
+def _denoisers(affine):
+    import ants
+    from skimage.restoration import denoise_nl_means, denoise_tv_chambolle, denoise_wavelet, estimate_sigma
+
+    def nlm_ants(r):
+        return lambda v: ants.denoise_image(to_ants(v - v.min(), affine), to_ants(head_mask(v).astype(np.float32), affine),
+                                            noise_model="Rician", r=r).numpy() + v.min()
+
+    def unit(f):  # scikit-image's denoisers expect about [0, 1]
+        return lambda v: f(v / float(v.max())) * float(v.max())
+
+    def nlm_sk(u):
+        sigma = float(np.mean(estimate_sigma(u, channel_axis=None)))
+        return denoise_nl_means(u, h=0.8 * sigma, sigma=sigma, patch_size=3, patch_distance=3, fast_mode=True)
+
+    return {
+        "ANTs NLM (search radius 2, as shipped)": nlm_ants(2),
+        "ANTs NLM (search radius 3)": nlm_ants(3),
+        "TV (Chambolle, weight 0.02)": unit(lambda u: denoise_tv_chambolle(u, weight=0.02)),
+        "wavelet BayesShrink (soft)": unit(lambda u: denoise_wavelet(u, method="BayesShrink", mode="soft", rescale_sigma=True)),
+        "scikit-image NLM (h = 0.8 σ)": unit(nlm_sk),
+    }
+
+
+def main() -> None:
+    p = common.parser(__doc__)
+    p.add_argument("--subjects", type=int, default=2, help="held-out TRAIN subjects (the last ones)")
+    p.add_argument("--name", default="denoise_probe")
+    args = p.parse_args()
+    common.setup(args)
+    t0 = time.perf_counter()
+    train = sorted(json.loads((DATA / "splits.json").read_text())["train"])
+    read = read_folder(MODEL)
+    (landmarks, _), band, voxel = model_landmarks(MODEL, read), model_detail_band(MODEL, read), model_detail_voxel(MODEL, read)
+    gains: dict[str, list] = {}
+    for sub in train[-args.subjects:]:
+        truth, mask, tissue = run.load_subject(DATA, sub)
+        affine = nb.as_closest_canonical(nb.load(str(run.t1w_path(DATA, sub)))).affine
+        src = simulate("noise", truth, tissue, nb.affines.voxel_sizes(affine), run.case_seed(0, sub, "noise"))
+        v12, a12 = resample_isotropic(src, affine, 1.2)
+        std = standardise(src, landmarks, source_landmarks=volume_landmarks(v12))
+
+        def psnr(x, truth=truth, mask=mask):
+            return scores.score_volume(x, truth, mask)["psnr_vol"]
+
+        base = psnr(std)
+        matched, rec = match_detail(std, affine, band, (v12.shape, a12), voxel)
+        gains.setdefault("detail matching as shipped", []).append((psnr(matched) - base, psnr(matched) - base, rec["Weight"]))
+        for name, fn in _denoisers(affine).items():
+            d = fn(std)
+            blends = {w: psnr(std + w * (d - std)) - base for w in BLENDS}
+            w = max(blends, key=blends.get)
+            gains.setdefault(name, []).append((blends[1.0], blends[w], w))
+        print(sub, f"standardised {base:.2f} dB;", "; ".join(f"{k}: {v[-1][1]:+.2f}" for k, v in gains.items()), flush=True)
+    rows = [[name, f"{np.mean([g[0] for g in v]):+.2f}", f"{np.mean([g[1] for g in v]):+.2f}", ", ".join(f"{g[2]:g}" for g in v)]
+            for name, v in gains.items()]
+    lines = [
+        "# Probe: how far classical denoisers take the noise scanner\n",
+        f"Command: `python benchmarks/denoise_probe.py {' '.join(sys.argv[1:])}`  ",
+        f"Held-out TRAIN subjects: {', '.join(train[-args.subjects:])}; gains in volume PSNR (dB) over the standardised "
+        "volume, in the brain; the best blend is an oracle's choice among "
+        f"{', '.join(f'{w:g}' for w in BLENDS)} (it sees the truth).\n",
+        common.table(["denoiser", "full", "best blend", "weight(s)"], rows),
+        f"\nWhole run {time.perf_counter() - t0:.0f} s.  ",
+        f"Machine: {common.machine_info('cpu')}  ",
+        f"Versions: {common.versions()}",
+    ]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{args.name}-cpu.md").write_text(text)
+    (args.out / f"{args.name}-cpu.json").write_text(json.dumps(gains, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -106,8 +106,8 @@ def biology_section(rows, methods, biology: dict, labels) -> list[str]:
     return [*lines, ""]
 
 
-def write_report(args, rows, unseen, examples, *, model, target_gm_wm, bhdiff_model=None, walls, seconds_total, train, test,
-                 biology=None) -> None:
+def write_report(args, rows, unseen, examples, *, model, target_gm_wm, target_gm_wm_range=None, bhdiff_model=None, walls, seconds_total,
+                 train, test, biology=None) -> None:
     peers = [p.name for p in make_peers()]
     labels = {METHOD: "**bidsharmony**", BHDIFF: "bidsharmony --method bhdiff (3D)",
               **{k: f"bidsharmony, {v[0]}" for k, v in ABLATIONS.items()}}
@@ -129,7 +129,8 @@ def write_report(args, rows, unseen, examples, *, model, target_gm_wm, bhdiff_mo
             "scanners": {s: SCANNERS[s].description for s in args.scanners},
             "cli_wall_seconds": {k: None if v is None else round(v, 1) for k, v in walls.items()},
             "cli_wall_seconds_per_volume": {k: None if v is None else round(v / max(n_vol[k], 1), 1) for k, v in walls.items()},
-            "benchmark_seconds": round(seconds_total, 1), "target_gm_wm_ratio": target_gm_wm}
+            "benchmark_seconds": round(seconds_total, 1), "target_gm_wm_ratio": target_gm_wm,
+            "target_gm_wm_range": list(target_gm_wm_range) if target_gm_wm_range else None}
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / args.name
     Path(f"{stem}.json").write_text(json.dumps({**meta, "rows": rows, "unseen": unseen, "biology": biology or {}}, indent=1,
@@ -174,12 +175,17 @@ def write_report(args, rows, unseen, examples, *, model, target_gm_wm, bhdiff_mo
     if unseen:
         md += ["## Unseen real scanners (no truth: distribution-level scores)", "",
                (f"Brain masks propagated from an IXI TRAIN subject by ANTs affine registration, one mask per scan for every method of the run (the registration is not repeatable across runs: compare within a run). Target domain: "
-               f"GM/WM ratio {target_gm_wm:.3f} (mean over the TRAIN subjects); histogram distance is Wasserstein-1 "
+               f"GM/WM ratio {target_gm_wm:.3f} (mean over the TRAIN subjects"
+               + (f"; their range {target_gm_wm_range[0]:.3f}–{target_gm_wm_range[1]:.3f}, the goal for a harmonized scan"
+                  if target_gm_wm_range else "") + "); histogram distance is Wasserstein-1 "
                "to the TRAIN subjects' pooled robust-scaled brain intensities (0 = same distribution)."), "",
-               "| scan | method | histogram distance | GM/WM ratio | \\|ratio − target\\| | brain mask (ml) |", "|---|---|---|---|---|---|"]
+               "| scan | method | histogram distance | GM/WM ratio | \\|ratio − target\\| | in the target's range | brain mask (ml) |",
+               "|---|---|---|---|---|---|---|"]
         for r in unseen:
             md.append(f"| {r['subject']} | {labels.get(r['method'], r['method'])} | {r['histogram_distance']:.4f} | "
-                      f"{r['gm_wm_ratio']:.3f} | {abs(r['gm_wm_ratio'] - target_gm_wm):.3f} | {r['brain_ml']:.0f} |")
+                      f"{r['gm_wm_ratio']:.3f} | {abs(r['gm_wm_ratio'] - target_gm_wm):.3f} | "
+                      + ("?" if not target_gm_wm_range else "yes" if target_gm_wm_range[0] <= r["gm_wm_ratio"] <= target_gm_wm_range[1] else "no")
+                      + f" | {r['brain_ml']:.0f} |")
         md.append("")
     md += [f"![examples]({args.name}-examples.png)", "", f"![distributions]({args.name}-distributions.png)", ""]
     Path(f"{stem}.md").write_text("\n".join(md))

@@ -232,7 +232,8 @@ def main(argv=None) -> int:
     train_data = [load_subject(args.data, s, tissue=False)[:2] for s in train]
     peers = [p.fit([v for v, _ in train_data], [m for _, m in train_data]) if p.population else p for p in make_peers()]
     reference = np.concatenate([scores.brain_sample(v, m, n=5000, seed=i) for i, (v, m) in enumerate(train_data)])
-    target_gm_wm = float(np.mean([scores.gm_wm_ratio(v, m) for v, m in train_data]))
+    train_ratios = [scores.gm_wm_ratio(v, m) for v, m in train_data]
+    target_gm_wm = float(np.mean(train_ratios))
 
     rows, examples, models, biology = [], {}, {}, {}
     ages = participant_ages(args.data)
@@ -281,7 +282,7 @@ def main(argv=None) -> int:
 
     from benchmarks.quality.report import write_report
 
-    write_report(args, rows, unseen, examples, model=models.get(METHOD), bhdiff_model=models.get(BHDIFF), target_gm_wm=target_gm_wm,
+    write_report(args, rows, unseen, examples, model=models.get(METHOD), bhdiff_model=models.get(BHDIFF), target_gm_wm=target_gm_wm, target_gm_wm_range=(float(np.min(train_ratios)), float(np.max(train_ratios))),
                  walls={k: v[1] for k, v in outputs.items()}, seconds_total=time.time() - t_start,
                  train=train, test=test, biology=biology)
     return 0

@@ -68,7 +68,7 @@ def rician(u: np.ndarray, rng: np.random.Generator, sigma: float) -> np.ndarray:
     return np.sqrt((u + n1) ** 2 + n2**2).astype(np.float32)
 
 
-def scan(u: np.ndarray, rng: np.random.Generator, *, gamma: float = 1.0, bias: float = 1.0, noise: float = 0.0,
+def scan(u: np.ndarray, rng: np.random.Generator, *, gamma: float = 1.0, bias: float = 0.0, noise: float = 0.0,
          scale: float = 1.0) -> np.ndarray:
     """Several effects at once, in the order a scanner adds them: the contrast u^γ, a coil's
     sensitivity ramp 1 ± ``bias`` (``ramp_field``), Rician noise of σ = ``noise`` × the maximum, then

@@ -89,6 +89,17 @@ def ras_voxel_mm(affine: np.ndarray) -> np.ndarray:
     return out
 
 
+def measured_voxel(acquired_mm, grid_mm, target_mm) -> np.ndarray:
+    """Per RAS axis, the voxel size a level is measured at on a grid of ``grid_mm`` voxels: the
+    target's where the scan is finer than it on that grid, else the scan's own (a grid voxel holds no
+    finer detail than its size, whatever was acquired). ``target_mm`` None: as acquired."""
+    a = np.maximum(np.asarray(acquired_mm, np.float64), np.asarray(grid_mm, np.float64))
+    if target_mm is None:
+        return a
+    t = np.asarray(target_mm, np.float64)
+    return np.where(a < t - 1e-3, t, a)
+
+
 def at_resolution(volume: np.ndarray, affine: np.ndarray, acquired_mm, target_mm) -> np.ndarray:
     """``volume`` (a canonical grid, ``affine``) as if acquired with ``target_mm`` voxels (RAS axes)
     where it was acquired with finer ``acquired_mm`` ones, back on its own grid: along each such axis
@@ -98,17 +109,15 @@ def at_resolution(volume: np.ndarray, affine: np.ndarray, acquired_mm, target_mm
     target (or ``target_mm`` is None)."""
     from bidsharmony.image.resample import from_ants, resample_onto, to_ants
 
-    if target_mm is None:
-        return volume
     zooms = voxel_sizes(affine)
-    # The grid's voxels hold no finer detail than their own size, whatever was acquired.
-    a, t = np.maximum(np.asarray(acquired_mm, np.float64), zooms), np.asarray(target_mm, np.float64)
-    finer = a < t - 1e-3
+    a = np.maximum(np.asarray(acquired_mm, np.float64), zooms)
+    t = measured_voxel(acquired_mm, zooms, target_mm)
+    finer = t > a
     if not finer.any():
         return volume
     import ants
 
-    sigma = np.where(finer, np.sqrt(np.maximum(t**2 - a**2, 0.0) / 12.0), 0.0) / zooms
+    sigma = np.where(finer, np.sqrt(t**2 - a**2) / np.sqrt(12.0), 0.0) / zooms
     smooth = ndimage.gaussian_filter(np.asarray(volume, np.float32), sigma, mode="nearest")
     spacing = tuple(float(x) for x in np.where(finer, t, zooms))
     coarse, coarse_affine = from_ants(ants.resample_image(to_ants(smooth, affine), spacing, use_voxels=False, interp_type=0))
@@ -225,7 +234,7 @@ def match_detail(volume: np.ndarray, affine: np.ndarray, band, grid: tuple[tuple
     level = level_on_grid(start)
     rec = {"Method": "detail-level matching", "Level": level, "Band": [lo, mean, hi], "Action": "none", "Weight": 0.0,
            "LevelReached": level, "AcquiredVoxel": [float(x) for x in acquired],
-           "MeasuredAtVoxel": None if target_mm is None else [float(x) for x in np.maximum(acquired, target_mm)]}
+           "MeasuredAtVoxel": None if target_mm is None else [float(x) for x in measured_voxel(acquired, zooms, target_mm)]}
     goal = level + _strength(level, lo, hi) * (mean - level)
     rec["LevelGoal"] = goal
     if goal == level:  # inside the band, or under it by less than half its width

@@ -91,25 +91,25 @@ def harmonize_mem_gb(model_config: dict, batch_size: int) -> float:
 
 
 def resolve_detail(requested: str, standardise: str, model, read: tuple | None = None):
-    """(``match`` or ``none``, the model's band or None): ``auto`` matches where the model holds a
-    detail band and the volume is standardised (the band is on the standard scale). ``read``: the
-    folder's ``read_folder``, if the caller has it."""
+    """(``match`` or ``none``, the model's band or None, the voxel size its levels are measured at or
+    None): ``auto`` matches where the model holds a detail band and the volume is standardised (the
+    band is on the standard scale). ``read``: the folder's ``read_folder``, if the caller has it."""
     from bidsharmony.errors import ModelError
-    from bidsharmony.flow.checkpoint import model_detail_band
+    from bidsharmony.flow.checkpoint import model_detail_band, model_detail_voxel
 
     if requested == "none":
-        return "none", None
+        return "none", None, None
     if standardise != "landmarks":
         if requested == "match":
             raise ModelError(f"{model}: --detail match needs the standardisation (its band is on the standard scale); "
                              "drop --standardise none or pass --detail none")
-        return "none", None
+        return "none", None, None
     band = model_detail_band(model, read)
     if band is None:
         if requested == "match":
             raise ModelError(f"{model}: the model has no detail band; refit it (benchmarks/fit_landmarks.py) or pass --detail none")
-        return "none", None
-    return "match", band
+        return "none", None, None
+    return "match", band, model_detail_voxel(model, read)
 
 
 def resolve_standardise(requested: str, config: dict, model) -> str:
@@ -158,7 +158,7 @@ def init_harmonize_wf(
     target, JSON).
     """
     from bidsharmony.errors import ModelError
-    from bidsharmony.flow.checkpoint import model_detail_voxel, model_landmarks, read_config, read_folder
+    from bidsharmony.flow.checkpoint import model_landmarks, read_config, read_folder
     from bidsharmony.harmonize.solvers import HarmonizeParams
 
     config = read_config(model)
@@ -170,7 +170,7 @@ def init_harmonize_wf(
         landmarks = model_landmarks(model, read)
         if landmarks[0] is None:
             raise ModelError(f"{model}: the model has no intensity landmarks in its weights; retrain it or pass --standardise none")
-    params.detail, band = resolve_detail(params.detail, params.standardise, model, read)
+    params.detail, band, detail_voxel = resolve_detail(params.detail, params.standardise, model, read)
     params = params.to_dict()
     wf = pe.Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(fields=["t1w"]), name="inputnode")
@@ -180,7 +180,7 @@ def init_harmonize_wf(
         omp_nthreads=omp_nthreads,
         landmarks=landmarks,
         detail_band=band,
-        detail_voxel=model_detail_voxel(model, read) if band is not None else None,
+        detail_voxel=detail_voxel,
     )
     harmonize = pe.Node(
         Harmonize(model=str(model), params=params, device=device, num_threads=omp_nthreads),

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from bidsharmony.image.detail import at_resolution, detail_level, fit_band, match_detail, ras_voxel_mm
+from bidsharmony.image.detail import at_resolution, detail_level, fit_band, match_detail, measured_voxel, ras_voxel_mm
 from tests.conftest import SHARED_DATA
 from tests.image.test_standardise import PHANTOM_MM, _real, phantom
 
@@ -102,6 +102,13 @@ def test_fit_band_orders_min_mean_max():
 def test_ras_voxel_mm_follows_the_axes_not_their_order():
     sagittal = np.array([[0, 0, 1.5, 0], [0.9, 0, 0, 0], [0, 1.1, 0, 0], [0, 0, 0, 1]], float)  # voxel axes (y, z, x)
     assert ras_voxel_mm(sagittal).tolist() == pytest.approx([1.5, 0.9, 1.1])
+
+
+def test_the_voxel_a_level_is_measured_at():
+    """The target's along axes finer than it on the grid; the scan's own (at least the grid's) elsewhere."""
+    assert measured_voxel([0.7, 1.0, 3.0], [1.2] * 3, [2.0] * 3).tolist() == [2.0, 2.0, 3.0]
+    assert measured_voxel([0.7, 1.0, 3.0], [1.2] * 3, None).tolist() == [1.2, 1.2, 3.0]
+    assert measured_voxel([2.0] * 3, [1.2] * 3, [2.0] * 3).tolist() == [2.0] * 3
 
 
 def test_at_resolution_leaves_a_scan_as_coarse_as_the_target_bit_for_bit(head):

@@ -114,7 +114,7 @@ def train(opts, runs, *, device: str, steps: int, batch: int, run_workflow) -> N
         manifest = Path(tmp) / "manifest.json"
         run_workflow(init_train_prep_wf(runs=runs, manifest=manifest, space=space, omp_nthreads=1))
         prepared = read_manifest(manifest)
-    slices = tdata.load_slice_set(item[:3] for item in prepared)
+    slices = tdata.load_slice_set((run.subject, run.slices, run.record) for run in prepared)
     if len(slices) < 2:
         raise BidsHarmonyError(f"{opts.bids_dir}: only {len(slices)} slice(s) with head found; cannot train")
     train_set, val = tdata.split_by_subject(slices, opts.validation_fraction, opts.random_seed)

@@ -80,7 +80,7 @@ def train(opts, runs, *, device: str, steps: int, batch: int, run_workflow) -> N
     with tempfile.TemporaryDirectory(prefix="bidsharmony-train-") as tmp:
         manifest = Path(tmp) / "manifest.json"
         run_workflow(init_train_prep_wf(runs=runs, manifest=manifest, omp_nthreads=1))
-        files = sorted(resampled for *_, resampled, _ in read_manifest(manifest))
+        files = sorted(run.resampled for run in read_manifest(manifest))
     volumes = [np.asanyarray(nb.load(f).dataobj, dtype=np.float32) for f in files]
     LOG.info("edges and normalisation of %d volume(s)", len(volumes))
     prepared = [prepare_volume(v) for v in volumes]

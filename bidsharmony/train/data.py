@@ -4,12 +4,23 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
 from bidsharmony.image.slices import POSITION_BINS, SliceRecord
 
 LOG = logging.getLogger("bidsharmony")
+
+
+class PreparedRun(NamedTuple):
+    """One target run after the training preparation (``workflows.train``): its files."""
+
+    subject: str
+    slices: str  # .npy
+    record: str  # .npz
+    resampled: str  # the canonical volume on the harmonization grid
+    source: str  # the original T1w
 
 
 @dataclass
@@ -29,14 +40,14 @@ class SliceSet:
 
 def target_landmarks(prepared, subjects: set) -> tuple[np.ndarray, int]:
     """(standard landmarks, how many volumes) fitted on the resampled volumes of ``subjects``
-    (``prepared``: (subject, slices, record, resampled volume, original T1w) per run), one volume in memory at a
-    time: the target's intensity scale that harmonization maps every source onto."""
+    (``prepared``: a ``PreparedRun`` per run), one volume in memory at a time: the target's
+    intensity scale that harmonization maps every source onto."""
     import nibabel as nb
 
     from bidsharmony.errors import BidsHarmonyError
     from bidsharmony.image.standardise import fit_landmarks
 
-    paths = [path for subject, _, _, path, _ in prepared if subject in subjects]
+    paths = [run.resampled for run in prepared if run.subject in subjects]
     if not paths:
         raise BidsHarmonyError("no training volume to fit the intensity landmarks on")
     zooms = nb.load(paths[0]).header.get_zooms()[:3]  # every resampled volume has the same voxel size
@@ -56,7 +67,7 @@ def target_detail_band(prepared, subjects: set, landmarks) -> tuple[np.ndarray, 
     from bidsharmony.image.detail import at_resolution, detail_level, fit_band, ras_voxel_mm
     from bidsharmony.image.standardise import standardise
 
-    runs = [(path, ras_voxel_mm(nb.load(source).affine)) for subject, _, _, path, source in prepared if subject in subjects]
+    runs = [(run.resampled, ras_voxel_mm(nb.load(run.source).affine)) for run in prepared if run.subject in subjects]
     voxel = np.median([acquired for _, acquired in runs], axis=0)
     levels = []
     for path, acquired in runs:

@@ -10,6 +10,7 @@ from nipype.pipeline import engine as pe
 
 from bidsharmony.interfaces.manifest import WriteManifest
 from bidsharmony.space import DEFAULT, Space
+from bidsharmony.train.data import PreparedRun
 from bidsharmony.workflows.base import run_name
 from bidsharmony.workflows.harmonize import init_slices_wf
 
@@ -46,7 +47,7 @@ def init_train_prep_wf(*, runs, manifest: Path, space: Space = DEFAULT, omp_nthr
     return wf
 
 
-def read_manifest(path) -> list[tuple[str, str, str, str, str]]:
-    """(subject, slices.npy, record.npz, resampled volume, original T1w) per run, from the manifest
-    an executed ``init_train_prep_wf`` wrote."""
-    return [(r["subject"], r["slices"], r["record"], r["resampled"], r["source"]) for r in json.loads(Path(path).read_text())]
+def read_manifest(path) -> list[PreparedRun]:
+    """A ``PreparedRun`` per run, in the runs' order, from the manifest an executed
+    ``init_train_prep_wf`` wrote."""
+    return [PreparedRun(**row) for row in json.loads(Path(path).read_text())]

@@ -143,9 +143,9 @@ def test_training_prep_hands_its_files_over_through_a_manifest(example_bids, tmp
     wf.base_dir = str(tmp_path / "work")
     wf.run()
     prepared = read_manifest(tmp_path / "manifest.json")
-    assert [(p[0], p[4]) for p in prepared] == [(r["entities"]["subject"], str(r["path"])) for r in runs]
-    for _, slices, record, resampled, _ in prepared:
-        assert np.load(slices).ndim == 3 and np.load(record, allow_pickle=False).files
-        assert nb.load(resampled).header.get_zooms()[:3] == pytest.approx((1.2, 1.2, 1.2))
-    names = {str(p[3]) for p in prepared}
+    assert [(p.subject, p.source) for p in prepared] == [(r["entities"]["subject"], str(r["path"])) for r in runs]
+    for p in prepared:
+        assert np.load(p.slices).ndim == 3 and np.load(p.record, allow_pickle=False).files
+        assert nb.load(p.resampled).header.get_zooms()[:3] == pytest.approx((1.2, 1.2, 1.2))
+    names = {p.resampled for p in prepared}
     assert len(names) == len(runs)  # each run its own files

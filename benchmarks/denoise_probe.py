@@ -13,7 +13,6 @@ non-local means. Needs ``pip install -e .[bench]``.
 from __future__ import annotations
 
 import json
-import sys
 import time
 
 import common
@@ -87,25 +86,15 @@ def main() -> None:
             w = max(blends, key=blends.get)
             gains.setdefault(name, []).append((blends[1.0], blends[w], w))
         print(sub, f"standardised {base:.2f} dB;", "; ".join(f"{k}: {v[-1][1]:+.2f}" for k, v in gains.items()), flush=True)
-    rows = [[name, f"{np.mean([g[0] for g in v]):+.2f}", f"{np.mean([g[1] for g in v]):+.2f}", ", ".join(f"{g[2]:g}" for g in v)]
+    rows = [[name, f"{np.mean([g[0] for g in v]):+.2f}", f"{np.mean([g[1] for g in v]):+.2f}", ", ".join(f"{g[2]:.2f}" for g in v)]
             for name, v in gains.items()]
-    lines = [
-        "# Probe: how far classical denoisers take the noise scanner\n",
-        f"Command: `python benchmarks/denoise_probe.py {' '.join(sys.argv[1:])}`  ",
-        f"Held-out TRAIN subjects: {', '.join(train[-args.subjects:])}; gains in volume PSNR (dB) over the standardised "
-        "volume, in the brain; the best blend is an oracle's choice among "
-        f"{', '.join(f'{w:g}' for w in BLENDS)} (it sees the truth).\n",
+    common.write_results(
+        args, "cpu", args.name, "Probe: how far classical denoisers take the noise scanner",
         common.table(["denoiser", "full", "best blend", "weight(s)"], rows),
-        f"\nWhole run {time.perf_counter() - t0:.0f} s.  ",
-        f"Machine: {common.machine_info('cpu')}  ",
-        f"Versions: {common.versions()}",
-    ]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{args.name}-cpu.md").write_text(text)
-    (args.out / f"{args.name}-cpu.json").write_text(json.dumps(gains, indent=1))
-
+        [f"Held-out TRAIN subjects: {', '.join(train[-args.subjects:])}; gains in volume PSNR (dB) over the standardised "
+         f"volume, in the brain; the best blend is an oracle's choice among {', '.join(f'{w:g}' for w in BLENDS)} (it sees "
+         "the truth). ANTs NLM runs in this process, multi-threaded.", f"Whole run {time.perf_counter() - t0:.0f} s."],
+        {"gains": gains})
 
 if __name__ == "__main__":
     main()

@@ -13,7 +13,6 @@ truth in the brain.
 from __future__ import annotations
 
 import json
-import sys
 import time
 
 import common
@@ -21,11 +20,11 @@ import nibabel as nb
 import numpy as np
 
 from benchmarks.quality import run, scores
-from bidsharmony.simulation import SCANNERS, simulate
 from bidsharmony.flow.checkpoint import model_landmarks
 from bidsharmony.image.detail import detail_level, fit_band, match_detail
 from bidsharmony.image.resample import resample_isotropic
 from bidsharmony.image.standardise import standardise, volume_landmarks
+from bidsharmony.simulation import SCANNERS, simulate
 
 DATA = common.REPO.parent / "shared" / "data" / "ixi-hh"
 MODEL = common.REPO / "bidsharmony" / "data" / "models" / "ixi-hh-fast"
@@ -85,22 +84,13 @@ def main() -> None:
         pa, pb = np.mean([r["psnr_vol"] for r in a]), np.mean([r["psnr_vol"] for r in b])
         table.append([name, ", ".join(sorted({r["action"] for r in b})), round(pa, 2), round(pb, 2), f"{pb - pa:+.2f}",
                       round(float(np.mean([r["dice"] for r in a])), 3), round(float(np.mean([r["dice"] for r in b])), 3)])
-    lines = [
-        "# Probe: detail matching after the standardisation\n",
-        f"Command: `python benchmarks/detail_probe.py {' '.join(sys.argv[1:])}`  ",
-        f"Band (min, mean, max) from the first {args.fit} TRAIN subjects: {np.round(band, 4).tolist()}\n",
+    common.write_results(
+        args, "cpu", args.name, "Probe: detail matching after the standardisation",
         common.table(["scanner", "action", "PSNR vol, standardise (dB)", "+ detail (dB)", "Δ", "Dice, standardise", "+ detail"], table),
-        (f"\nHeld-out TRAIN subjects: {', '.join(train[-args.subjects:])}; median {np.median(times):.1f} s per volume for the "
-         f"matching; whole run {time.perf_counter() - t0:.0f} s.  "),
-        f"Machine: {common.machine_info('cpu')}  ",
-        f"Versions: {common.versions()}",
-    ]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{args.name}-cpu.md").write_text(text)
-    (args.out / f"{args.name}-cpu.json").write_text(json.dumps({"band": band.tolist(), "rows": rows}, indent=1))
-
+        [f"Band (min, mean, max) from the first {args.fit} TRAIN subjects: {np.round(band, 4).tolist()}.",
+         f"Held-out TRAIN subjects: {', '.join(train[-args.subjects:])}; median {np.median(times):.1f} s per volume for the "
+         f"matching; whole run {time.perf_counter() - t0:.0f} s."],
+        {"band": band.tolist(), "rows": rows})
 
 if __name__ == "__main__":
     main()

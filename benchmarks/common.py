@@ -20,6 +20,7 @@ if str(REPO) not in sys.path:  # the scripts run as files (python benchmarks/x.p
 
 from benchmarks.quality.machine import machine_info as _machine_info  # noqa: E402
 from benchmarks.quality.machine import versions  # noqa: E402  (re-exported for the scripts)
+
 RSS_NOTE = "CPU peak memory is the process-wide peak RSS (ru_maxrss): a high-water mark that never goes down, so a row shows the maximum over everything measured up to and including it."
 
 

@@ -19,9 +19,9 @@ Results: <out>/flow_throughput[-quick]-<cpu|cuda>.{json,md}.
 
 from __future__ import annotations
 
+import common
 import torch
 
-import common
 from bidsharmony.flow.model import PRESETS, build_flow
 from bidsharmony.flow.scaling import bits_per_dim, to_flow
 

@@ -60,9 +60,8 @@ if __name__ == "__main__":
     for _m in FORBIDDEN:
         sys.modules.setdefault(_m, None)
 
-import numpy as np  # noqa: E402
-
 import gpu_window_io as gwio  # noqa: E402
+import numpy as np  # noqa: E402
 
 DATA = HERE / "gpu_window_data" / "gpu_window_data.npz"
 MODELS = REPO / "bidsharmony" / "data" / "models"

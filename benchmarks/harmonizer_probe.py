@@ -31,21 +31,21 @@ import json
 import time
 from pathlib import Path
 
+import common
 import nibabel as nb
 import numpy as np
 import torch
 from scipy import ndimage
 from torch import nn
 
-import common
 from benchmarks.quality import run, scores
 from benchmarks.quality.peers import make_peers
-from bidsharmony.simulation import QUICK_SCANNERS, SCANNERS, simulate, smooth_field, unit
 from bidsharmony.flow.checkpoint import model_landmarks
 from bidsharmony.image.resample import resample_isotropic, resample_onto
 from bidsharmony.image.slices import head_mask
 from bidsharmony.image.standardise import SCALE, standardise, volume_landmarks
 from bidsharmony.models import default_model
+from bidsharmony.simulation import QUICK_SCANNERS, SCANNERS, simulate, smooth_field, unit
 
 DATA = common.REPO.parent / "shared" / "data"
 VOXEL = 1.2

@@ -27,11 +27,11 @@ from __future__ import annotations
 
 import glob
 
+import common
 import numpy as np
 import torch
 from scipy import ndimage
 
-import common
 from bidsharmony.flow.model import PRESETS, build_flow
 from bidsharmony.flow.scaling import from_flow, to_flow
 from bidsharmony.harmonize.objective import EDGE_QUANTILE, EPS, FOREGROUND

@@ -16,10 +16,10 @@ from __future__ import annotations
 import json
 import time
 
+import common
 import numpy as np
 import torch
 
-import common
 from bidsharmony.flow.checkpoint import load_model
 from bidsharmony.harmonize.solvers import HarmonizeParams, harmonize_slices
 from bidsharmony.harmonize.volume import START_IMAGES

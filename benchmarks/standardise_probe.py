@@ -27,16 +27,16 @@ import statistics
 import time
 from pathlib import Path
 
+import common
 import nibabel as nb
 import numpy as np
 
-import common
 from benchmarks.quality import run, scores
 from benchmarks.quality.peers import make_peers
-from bidsharmony.simulation import QUICK_SCANNERS, SCANNERS, simulate
 from bidsharmony.image.resample import resample_isotropic, resample_onto, to_ants
 from bidsharmony.image.slices import head_mask
 from bidsharmony.image.standardise import PERCENTILES, fit_landmarks, landmark_region, standardise, volume_landmarks
+from bidsharmony.simulation import QUICK_SCANNERS, SCANNERS, simulate
 
 DATA = common.REPO.parent / "shared" / "data"
 VOXEL = 1.2  # mm: the pipeline's canonical grid

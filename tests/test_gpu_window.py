@@ -56,11 +56,11 @@ def test_data_file_keeps_sets_subjects_and_meta(tmp_path):
 
 
 def test_flops_counted_on_a_small_slice_scale_to_the_full_grid():
+    from gpu_window import flops_per_slice_iteration
     from torch.utils.flop_counter import FlopCounterMode
 
     from bidsharmony.flow.model import PRESETS, build_flow
     from bidsharmony.harmonize.solvers import HarmonizeParams, harmonize_slices
-    from gpu_window import flops_per_slice_iteration
 
     p = HarmonizeParams(iterations=1, batch_size=1)
     counter = FlopCounterMode(display=False)
@@ -71,10 +71,11 @@ def test_flops_counted_on_a_small_slice_scale_to_the_full_grid():
 
 
 def test_bf16_conditioners_are_put_back():
+    from gpu_window import conditioners_in
+
     from bidsharmony.flow.coupling import Conditioner
     from bidsharmony.flow.model import build_flow
     from bidsharmony.flow.scaling import to_flow
-    from gpu_window import conditioners_in
 
     torch.manual_seed(0)
     flow = build_flow("tiny").train()
@@ -123,8 +124,9 @@ def test_cuda_tests_run_as_plain_functions_without_pytest():
 def window_data(tmp_path_factory):
     """A small data file cut from the example dataset by the prepare step (no wheels: this
     environment has zuko and pytest)."""
-    from bidsharmony.example import build_example
     from gpu_window_prepare import DATA_FILE, prepare
+
+    from bidsharmony.example import build_example
 
     root = build_example(tmp_path_factory.mktemp("bids") / "bids")
     out = tmp_path_factory.mktemp("gw-data")

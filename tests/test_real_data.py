@@ -7,8 +7,9 @@ import nibabel as nb
 import numpy as np
 import pytest
 
-from .conftest import SHARED_DATA, tree_digest
 from tests.cli.test_cli import _slice_jumps
+
+from .conftest import SHARED_DATA, tree_digest
 
 SOURCES = {
     "ixi": SHARED_DATA / "ixi-hh" / "sub-IXI012" / "anat" / "sub-IXI012_T1w.nii.gz",
@@ -65,8 +66,8 @@ def test_the_shipped_model_brings_a_simulated_scanner_to_the_truth_blind(tmp_pat
     invented anatomy). Nothing here is fitted on the TEST head."""
     from benchmarks.quality import scores
     from benchmarks.quality.run import load_subject, t1w_path
-    from bidsharmony.simulation import simulate
     from bidsharmony.models import default_model
+    from bidsharmony.simulation import simulate
     from bidsharmony.workflows.harmonize import init_harmonize_wf
 
     data = SHARED_DATA / "ixi-hh"

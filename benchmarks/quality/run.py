@@ -30,11 +30,10 @@ import numpy as np
 from benchmarks.quality import scores
 from benchmarks.quality.peers import make_peers
 from benchmarks.quality.plan import ABLATIONS, BHDIFF, METHOD, UNSEEN_ABLATIONS
-from bidsharmony.simulation import QUICK_SCANNERS, SCANNERS, simulate
 from bidsharmony.metrics import mask_slices
+from bidsharmony.simulation import QUICK_SCANNERS, SCANNERS, simulate
 
 LOG = logging.getLogger("benchmarks.quality")
-
 
 
 def parse_args(argv=None) -> argparse.Namespace:

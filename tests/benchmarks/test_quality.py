@@ -166,8 +166,8 @@ def test_quick_mode_runs_the_real_cli_end_to_end(tmp_path):
 
 
 def test_report_scores_the_3d_method_beside_the_2d_one_on_its_own_cases(tmp_path):
-    from benchmarks.quality.report import write_report
     from benchmarks.quality.plan import BHDIFF, METHOD, METRICS
+    from benchmarks.quality.report import write_report
     from benchmarks.quality.run import parse_args
 
     args = parse_args(["--scanners", "gamma0p7,bias,noise", "--ablations", "none", "--bhdiff-model", "m",

@@ -20,7 +20,6 @@ from bidsharmony.errors import (
     EXIT_UNKNOWN_LEVEL,
     EXIT_USAGE,
 )
-
 from tests.conftest import RUN_OPTIONS, tree_digest
 
 

@@ -16,9 +16,9 @@ import pytest
 
 from bidsharmony.cli.run import main
 from bidsharmony.reports.html import run_warnings
+from tests.conftest import RUN_OPTIONS
 
 from .browser import Browser, chromium
-from tests.conftest import RUN_OPTIONS
 
 
 def _sidecars(out: Path) -> list[Path]:

@@ -201,8 +201,8 @@ def main() -> None:
     common.write_results(
         args, "cpu", args.name, "Probe: a denoiser learned from the target's own images, on the noise scanner",
         common.table(["scanner", *cols], rows),
-        [f"Held-out TRAIN subjects: {', '.join(held_out)}; gains in volume PSNR (dB) over the standardised volume, in the brain "
-         "(the first column: the standardised volume's own PSNR; 'truth': the target's own image, capped at 99 dB).",
+        [(f"Held-out TRAIN subjects: {', '.join(held_out)}; gains in volume PSNR (dB) over the standardised volume, in the brain "
+         "(the first column: the standardised volume's own PSNR; 'truth': the target's own image, capped at 99 dB)."),
          (f"Network: a 3D U-Net ({args.channels}, {2 * args.channels}, {4 * args.channels} channels)" if args.arch == "unet"
           else f"Network: {args.layers} 3D convolutions of {args.channels} channels") + f", residual, {nparams} parameters; trained {args.steps} "
          f"steps × {args.batch} patches of {args.patch}³ on {len(fit)} IXI-HH TRAIN subjects × {args.draws} noisy copies "

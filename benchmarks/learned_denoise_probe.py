@@ -15,13 +15,14 @@ in full, through the shipped detail stage's gate and bisection (its direction in
 means), and at an oracle's best blend. The noise scanner belongs to the family training draws (at
 other, random strengths); every other scanner is a family it never saw.
 
-    python benchmarks/learned_denoise_probe.py [--train-subjects 40] [--steps 2500] [--quick]
+    python benchmarks/learned_denoise_probe.py [--train-subjects 40] [--steps 2500] [--save net.safetensors] [--quick]
 """
 
 from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import common
 import nibabel as nb
@@ -130,6 +131,7 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--eval-subjects", type=int, default=2, help="held-out TRAIN subjects (the last ones)")
     p.add_argument("--name", default="learned_denoise_probe")
+    p.add_argument("--save", type=Path, default=None, help="write the trained network's weights here (safetensors)")
     args = p.parse_args()
     common.setup(args)
     if args.quick:
@@ -163,6 +165,11 @@ def main() -> None:
             print(f"step {step} loss {np.mean(curve[-100:]):.3g} (this batch untreated {base:.3g}) {time.perf_counter() - t0:.0f}s", flush=True)
     t_train = time.perf_counter() - t0 - t_data
     net.eval()
+    if args.save:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(args.save),
+                  metadata={"arch": args.arch, "channels": str(args.channels), "layers": str(args.layers), "steps": str(args.steps)})
     gains: dict[tuple[str, str], list] = {}
     seconds = []
     shipped_denoise = detail.denoise

@@ -18,8 +18,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # the scripts run as files (python benchmarks/x.py): make the benchmarks package importable
     sys.path.insert(0, str(REPO))
 
-from benchmarks.quality.machine import machine_info as _machine_info  # noqa: E402
-from benchmarks.quality.machine import versions  # noqa: E402  (re-exported for the scripts)
+from benchmarks.quality.machine import machine_info as _machine_info
+from benchmarks.quality.machine import versions
 
 RSS_NOTE = "CPU peak memory is the process-wide peak RSS (ru_maxrss): a high-water mark that never goes down, so a row shows the maximum over everything measured up to and including it."
 
@@ -32,6 +32,17 @@ def parser(doc: str) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--repeats", type=int, default=None, help="timed runs after one warm-up; the median is reported")
     return p
+
+
+def grid_landmarks(volume, affine):
+    """(landmarks, (shape, affine) of the grid) of a native volume, measured where harmonization
+    measures them: on the pipeline's canonical 1.2 mm grid. ``standardise(volume, standard,
+    source_landmarks=...)`` then maps the native voxels, as the Standardise node does."""
+    from bidsharmony.image.resample import resample_isotropic
+    from bidsharmony.image.standardise import VOXEL_MM, volume_landmarks
+
+    v12, a12 = resample_isotropic(volume, affine, float(VOXEL_MM[0]))
+    return volume_landmarks(v12), (v12.shape, a12)
 
 
 def int_list(s: str) -> list[int]:

@@ -24,9 +24,9 @@ import numpy as np
 from benchmarks.quality import run, scores
 from bidsharmony.flow.checkpoint import model_detail_band, model_detail_voxel, model_landmarks, read_folder
 from bidsharmony.image.detail import match_detail
-from bidsharmony.image.resample import resample_isotropic, to_ants
+from bidsharmony.image.resample import to_ants
 from bidsharmony.image.slices import head_mask
-from bidsharmony.image.standardise import standardise, volume_landmarks
+from bidsharmony.image.standardise import standardise
 from bidsharmony.simulation import simulate
 
 DATA = common.REPO.parent / "shared" / "data" / "ixi-hh"
@@ -85,14 +85,14 @@ def main() -> None:
         truth, mask, tissue = run.load_subject(DATA, sub)
         affine = nb.as_closest_canonical(nb.load(str(run.t1w_path(DATA, sub)))).affine
         src = simulate("noise", truth, tissue, nb.affines.voxel_sizes(affine), run.case_seed(0, sub, "noise"))
-        v12, a12 = resample_isotropic(src, affine, 1.2)
-        std = standardise(src, landmarks, source_landmarks=volume_landmarks(v12))
+        at, grid = common.grid_landmarks(src, affine)
+        std = standardise(src, landmarks, source_landmarks=at)
 
         def psnr(x, truth=truth, mask=mask):
             return scores.score_volume(x, truth, mask)["psnr_vol"]
 
         base = psnr(std)
-        matched, rec = match_detail(std, affine, band, (v12.shape, a12), voxel)
+        matched, rec = match_detail(std, affine, band, grid, voxel)
         gains.setdefault("detail matching as shipped", []).append((psnr(matched) - base, psnr(matched) - base, rec["Weight"]))
         for name, fn in _denoisers(affine).items():
             d = fn(std)
@@ -107,9 +107,9 @@ def main() -> None:
     common.write_results(
         args, "cpu", args.name, "Probe: how far classical denoisers take the noise scanner",
         common.table(["denoiser", "full", "best blend", "weight(s)"], rows),
-        [f"Held-out TRAIN subjects: {', '.join(train[-args.subjects:])}; gains in volume PSNR (dB) over the standardised "
+        [(f"Held-out TRAIN subjects: {', '.join(train[-args.subjects:])}; gains in volume PSNR (dB) over the standardised "
          f"volume, in the brain; the best blend is an oracle's choice among {', '.join(f'{w:g}' for w in BLENDS)} (it sees "
-         "the truth). ANTs NLM runs in this process, multi-threaded.", f"Whole run {time.perf_counter() - t0:.0f} s."],
+         "the truth). ANTs NLM runs in this process, multi-threaded."), f"Whole run {time.perf_counter() - t0:.0f} s."],
         {"gains": gains})
 
 if __name__ == "__main__":

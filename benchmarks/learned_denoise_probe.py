@@ -6,8 +6,11 @@ small 3D convolutional network on the target's TRAIN images alone (held-out TRAI
 TEST subjects excluded), Noise2Noise-style: the input is a target volume with Rician noise of a random
 strength added (σ uniform in [0, 8 %] of the head's 99th percentile, 0 included: the network must
 leave a clean target image alone), standardised as the pipeline does; the reference is the same
-volume, clean, standardised. The reference carries the target's own noise, so the network learns the
-expectation of a target image given the noisier one: it removes the added noise, not the target's.
+volume, clean, put through the noisy volume's map (so the pair differs by noise alone, and the
+network learns to denoise, not to re-standardise). The loss is L2 in the head: outside it the
+Rician floor, stretched by the map's lowest segment, dominates. The reference carries the target's
+own noise, so the network learns the expectation of a target image given the noisier one: it
+removes the added noise, not the target's. The network: a small 3D U-Net (``UNet3D``).
 
 Scored like ``denoise_probe.py``: held-out TRAIN heads under the benchmark's simulated scanners,
 volume PSNR in the brain against the truth, gains over the standardised volume; the network applied
@@ -33,23 +36,14 @@ from torch import nn
 from benchmarks.quality import run, scores
 from bidsharmony.flow.checkpoint import model_detail_band, model_detail_voxel, model_landmarks, read_folder
 from bidsharmony.image import detail
-from bidsharmony.image.resample import resample_isotropic
 from bidsharmony.image.slices import head_mask
-from bidsharmony.image.standardise import standardise, volume_landmarks
+from bidsharmony.image.standardise import standardise
 from bidsharmony.simulation import rician, simulate, unit
 
 DATA = common.REPO.parent / "shared" / "data" / "ixi-hh"
 MODEL = common.REPO / "bidsharmony" / "data" / "models" / "ixi-hh-fast"
 SCALE = 100.0  # the standard scale's top landmark: the network sees volumes / SCALE
 SCANNERS = ("noise", "truth", "gamma0p7", "bias", "blur", "contrast")
-
-
-def network(channels: int, layers: int) -> nn.Module:
-    body = [nn.Conv3d(1, channels, 3, padding=1), nn.ReLU()]
-    for _ in range(layers - 2):
-        body += [nn.Conv3d(channels, channels, 3, padding=1), nn.ReLU()]
-    body += [nn.Conv3d(channels, 1, 3, padding=1)]
-    return nn.Sequential(*body)
 
 
 class UNet3D(nn.Module):
@@ -84,10 +78,6 @@ def residual(net, v: np.ndarray) -> np.ndarray:
         return v + SCALE * net(x)[0, 0].numpy()
 
 
-def source_landmarks(src, affine):
-    return volume_landmarks(resample_isotropic(src, affine, 1.2)[0])
-
-
 def training_pairs(subjects, landmarks, draws, rng):
     pairs = []
     for sub in subjects:
@@ -99,7 +89,7 @@ def training_pairs(subjects, landmarks, draws, rng):
         for _ in range(draws):
             noisy = rician(v, rng, rng.uniform(0.0, 0.08) * p99)
             # both through the noisy volume's map: the network learns to denoise, not to re-standardise
-            at = source_landmarks(noisy, affine)
+            at = common.grid_landmarks(noisy, affine)[0]
             pairs.append((standardise(noisy, landmarks, source_landmarks=at) / SCALE,
                           standardise(v, landmarks, source_landmarks=at) / SCALE, head))
     return pairs
@@ -126,8 +116,6 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=6)
     p.add_argument("--patch", type=int, default=32)
     p.add_argument("--channels", type=int, default=16)
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--arch", choices=["unet", "plain"], default="unet")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--eval-subjects", type=int, default=2, help="held-out TRAIN subjects (the last ones)")
     p.add_argument("--name", default="learned_denoise_probe")
@@ -146,7 +134,7 @@ def main() -> None:
     (landmarks, _), band, voxel = model_landmarks(MODEL, read), model_detail_band(MODEL, read), model_detail_voxel(MODEL, read)
     pairs = training_pairs(fit, landmarks, args.draws, rng)
     t_data = time.perf_counter() - t0
-    net = UNet3D(args.channels) if args.arch == "unet" else network(args.channels, args.layers)
+    net = UNet3D(args.channels)
     opt = torch.optim.Adam(net.parameters(), args.lr)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, args.lr, total_steps=args.steps, pct_start=max(0.05, 2 / args.steps))
     curve = []
@@ -169,7 +157,7 @@ def main() -> None:
         from safetensors.torch import save_file
 
         save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(args.save),
-                  metadata={"arch": args.arch, "channels": str(args.channels), "layers": str(args.layers), "steps": str(args.steps)})
+                  metadata={"arch": "unet", "channels": str(args.channels), "steps": str(args.steps)})
     gains: dict[tuple[str, str], list] = {}
     seconds = []
     shipped_denoise = detail.denoise
@@ -178,8 +166,8 @@ def main() -> None:
         affine = nb.as_closest_canonical(nb.load(str(run.t1w_path(DATA, sub)))).affine
         for scanner in SCANNERS:
             src = truth if scanner == "truth" else simulate(scanner, truth, tissue, nb.affines.voxel_sizes(affine), run.case_seed(0, sub, scanner))
-            v12, a12 = resample_isotropic(src, affine, 1.2)
-            std = standardise(src, landmarks, source_landmarks=volume_landmarks(v12))
+            at, grid = common.grid_landmarks(src, affine)
+            std = standardise(src, landmarks, source_landmarks=at)
 
             def psnr(x, truth=truth, mask=mask):
                 return min(scores.score_volume(x, truth, mask)["psnr_vol"], 99.0)
@@ -190,11 +178,12 @@ def main() -> None:
             seconds.append(time.perf_counter() - t1)
             blends = {w: psnr(std + w * (full - std)) - base for w in (0.25, 0.5, 0.75, 1.0)}
             best = max(blends, key=blends.get)
-            detail.denoise = shipped_denoise
-            shipped, rec = detail.match_detail(std, affine, band, (v12.shape, a12), voxel)
-            detail.denoise = lambda v, a: residual(net, v)
-            gated, grec = detail.match_detail(std, affine, band, (v12.shape, a12), voxel)
-            detail.denoise = shipped_denoise
+            shipped, rec = detail.match_detail(std, affine, band, grid, voxel)
+            detail.denoise = lambda v, a: residual(net, v)  # the network in place of non-local means
+            try:
+                gated, grec = detail.match_detail(std, affine, band, grid, voxel)
+            finally:
+                detail.denoise = shipped_denoise
             row = {"standardised (dB)": base, "shipped detail stage": psnr(shipped) - base, "network, full": blends[1.0],
                    "network through the detail stage": psnr(gated) - base, "network, oracle blend": blends[best]}
             for k, val in row.items():
@@ -210,11 +199,10 @@ def main() -> None:
         common.table(["scanner", *cols], rows),
         [(f"Held-out TRAIN subjects: {', '.join(held_out)}; gains in volume PSNR (dB) over the standardised volume, in the brain "
          "(the first column: the standardised volume's own PSNR; 'truth': the target's own image, capped at 99 dB)."),
-         (f"Network: a 3D U-Net ({args.channels}, {2 * args.channels}, {4 * args.channels} channels)" if args.arch == "unet"
-          else f"Network: {args.layers} 3D convolutions of {args.channels} channels") + f", residual, {nparams} parameters; trained {args.steps} "
+         (f"Network: a 3D U-Net ({args.channels}, {2 * args.channels}, {4 * args.channels} channels), residual, {nparams} parameters; trained {args.steps} "
          f"steps × {args.batch} patches of {args.patch}³ on {len(fit)} IXI-HH TRAIN subjects × {args.draws} noisy copies "
          f"(Rician, σ ~ U(0, 8 %) of the head's 99th percentile); L2 in the head to the clean volume put through the noisy one's standardisation; data {t_data:.0f} s, "
-         f"training {t_train:.0f} s; last 100 steps' loss {np.mean(curve[-100:]):.3g}.",
+         f"training {t_train:.0f} s; last 100 steps' loss {np.mean(curve[-100:]):.3g}."),
          f"Network time per volume (native 2 mm, {torch.get_num_threads()} threads): median {np.median(seconds):.1f} s.",
          f"Whole run {time.perf_counter() - t0:.0f} s."],
         {"gains": {f"{s}|{c}": v for (s, c), v in gains.items()}, "curve": curve[::10]})

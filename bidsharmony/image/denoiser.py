@@ -64,3 +64,34 @@ def denoise(net, volume: np.ndarray) -> np.ndarray:
     with torch.no_grad():
         change = net(torch.from_numpy(v / SCALE)[None, None].to(device))[0, 0].cpu().numpy()
     return (v + SCALE * change).astype(np.float32)
+
+
+def state_shapes(channels: int):
+    """(name, shape) of every tensor of ``build(channels)``, without building it (``modelfolder.check_shapes``)."""
+    c = int(channels)
+    if not 1 <= c <= 256:
+        raise ValueError(f"denoiser channels {c} outside 1..256")
+    convs = {"e1": (1, c), "e2": (c, 2 * c), "e3": (2 * c, 4 * c), "d2": (4 * c, 2 * c), "d1": (2 * c, c)}
+    for name, (i, o) in convs.items():
+        yield f"{name}.0.weight", (o, i, 3, 3, 3)
+        yield f"{name}.0.bias", (o,)
+        yield f"{name}.2.weight", (o, o, 3, 3, 3)
+        yield f"{name}.2.bias", (o,)
+    yield "u2.weight", (4 * c, 2 * c, 2, 2, 2)
+    yield "u2.bias", (2 * c,)
+    yield "u1.weight", (2 * c, c, 2, 2, 2)
+    yield "u1.bias", (c,)
+    yield "out.weight", (1, c, 1, 1, 1)
+    yield "out.bias", (1,)
+
+
+def from_tensors(tensors: dict, channels: int, folder=None):
+    """The network held under ``PREFIX`` in a model folder's tensors (eval mode, float32, CPU)."""
+    from bidsharmony.modelfolder import check_shapes
+
+    check_shapes(tensors, PREFIX, state_shapes(channels), folder or ".")
+    net = build(channels)
+    net.load_state_dict({k[len(PREFIX):]: v.float() for k, v in tensors.items() if k.startswith(PREFIX)}, strict=True)
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return net.eval()

@@ -206,14 +206,19 @@ def _denoise_here(folder) -> None:
 
 
 def match_detail(volume: np.ndarray, affine: np.ndarray, band, grid: tuple[tuple[int, ...], np.ndarray],
-                 target_mm=None) -> tuple[np.ndarray, dict]:
+                 target_mm=None, denoiser=None) -> tuple[np.ndarray, dict]:
     """Bring a standardised volume's detail level into the target's ``band`` (``fit_band``).
 
     ``volume``/``affine``: the voxels to change (the native grid, standardised). ``grid``: (shape,
     affine) of the grid the level is defined on (the pipeline's 1.2 mm grid): every level, the
     volume's own included, is measured on the volume resampled there, at the target's acquired
     voxel size ``target_mm`` (``at_resolution``; None: as it is). Returns (the volume, changed or
-    not; the record a sidecar states: level, band, action, weight and level reached)."""
+    not; the record a sidecar states: level, band, action, weight and level reached).
+
+    ``denoiser``: a learned denoiser (``bidsharmony.image.denoiser``) to use above the band instead of
+    non-local means. Its change is applied as far as the gate's strength says (in full half the
+    band's width above it), not bisected to a level: the level reaches the band's mean after a third
+    of the network's change, which leaves most of its gain unused (benchmarks/learned_denoise_probe.py)."""
     from bidsharmony.image.resample import resample_onto
 
     lo, mean, hi = (float(x) for x in band)
@@ -240,6 +245,14 @@ def match_detail(volume: np.ndarray, affine: np.ndarray, band, grid: tuple[tuple
     if goal == level:  # inside the band, or under it by less than half its width
         return v, rec
     voxel = voxel_sizes(affine)
+    if level > hi and denoiser is not None:
+        from bidsharmony.image.denoiser import denoise as learned
+
+        w = _strength(level, lo, hi)
+        out = v + w * (learned(denoiser, v) - v)
+        rec.update(Action="denoise", Denoiser="learned", DenoisedOn="native grid", Weight=float(w),
+                   LevelReached=level_on_grid(on_grid(out)))
+        return out.astype(np.float32), rec
     if level > hi:
         rising, top, rec["Action"] = False, 1.0, "denoise"
         if np.prod(voxel) < np.prod(zooms):  # finer than the grid: denoise there (fewer voxels), bring the change back

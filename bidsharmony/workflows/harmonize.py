@@ -21,6 +21,7 @@ from bidsharmony.space import DEFAULT, Space
 
 
 def init_slices_wf(*, space: Space = DEFAULT, omp_nthreads: int = 1, landmarks=None, detail_band=None, detail_voxel=None,
+                   detail_model=None,
                    name: str = "slices_wf"):
     """T1w -> canonical isotropic volume [-> standardised onto ``landmarks`` [-> detail-matched to
     ``detail_band``]] -> normalised slices on the model grid.
@@ -41,6 +42,9 @@ def init_slices_wf(*, space: Space = DEFAULT, omp_nthreads: int = 1, landmarks=N
     detail_voxel : array or None
         The target's acquired voxel size the band's levels are measured at (``model_detail_voxel``;
         None: as acquired).
+    detail_model : path or None
+        A model folder holding a learned denoiser (``model_denoiser``), used above the band instead
+        of non-local means; None: non-local means.
 
     Inputs: ``t1w``. Outputs: ``resampled`` (NIfTI: the volume the slices were cut from, standardised
     when ``landmarks`` are given), ``slices`` (.npy), ``record`` (.npz); with ``landmarks`` also
@@ -71,6 +75,8 @@ def init_slices_wf(*, space: Space = DEFAULT, omp_nthreads: int = 1, landmarks=N
         standardise.inputs.band = [float(x) for x in detail_band]
         if detail_voxel is not None:
             standardise.inputs.target_voxel = [float(x) for x in detail_voxel]
+        if detail_model is not None:
+            standardise.inputs.denoiser_model = str(detail_model)
         wf.connect([(standardise, outputnode, [("native_file", "native")])])
     wf.connect([
         (inputnode, standardise, [("t1w", "source")]),
@@ -158,7 +164,7 @@ def init_harmonize_wf(
     target, JSON).
     """
     from bidsharmony.errors import ModelError
-    from bidsharmony.flow.checkpoint import model_landmarks, read_config, read_folder
+    from bidsharmony.flow.checkpoint import has_denoiser, model_landmarks, read_config, read_folder
     from bidsharmony.harmonize.solvers import HarmonizeParams
 
     config = read_config(model)
@@ -181,6 +187,7 @@ def init_harmonize_wf(
         landmarks=landmarks,
         detail_band=band,
         detail_voxel=detail_voxel,
+        detail_model=model if band is not None and has_denoiser(config) else None,
     )
     harmonize = pe.Node(
         Harmonize(model=str(model), params=params, device=device, num_threads=omp_nthreads),

@@ -6,8 +6,8 @@ from scipy import ndimage
 
 torch = pytest.importorskip("torch")
 
-from bidsharmony.image.denoiser import SCALE, build, denoise  # noqa: E402
-from bidsharmony.train.denoiser import fit, training_pairs  # noqa: E402
+from bidsharmony.image.denoiser import SCALE, build, denoise
+from bidsharmony.train.denoiser import fit, training_pairs
 
 
 def _head(shape=(40, 44, 36), seed=0):

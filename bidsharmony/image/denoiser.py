@@ -1,4 +1,4 @@
-"""A denoiser learned from the target scanner's own images (work in progress: not yet used by the pipeline).
+"""A denoiser learned from the target scanner's own images, used by the detail stage above its band.
 
 A small 3D U-Net predicts the change that takes a standardised volume with more noise than the
 target's back to a target image: u = v + D(v / SCALE) · SCALE. It is trained on the target's TRAIN
@@ -55,15 +55,44 @@ def build(channels: int = 16):
     return UNet3D(channels)
 
 
-def denoise(net, volume: np.ndarray) -> np.ndarray:
-    """The network applied to a whole standardised volume: v + D(v / SCALE) · SCALE (float32)."""
+CHUNK = 96  # slices of the last RAS axis run at once: bounds the activations' memory on large grids
+MARGIN = 24  # context either side of a chunk, beyond the network's receptive radius (~22 voxels)
+
+
+def _run(net, v: np.ndarray) -> np.ndarray:
+    """D(v / SCALE) · SCALE over a RAS-ordered volume, in chunks of ``CHUNK`` slices along the last
+    axis with ``MARGIN`` slices of context each side (multiples of 4, the pooling's period, so a
+    chunk computes what the whole volume would)."""
     import torch
 
-    v = np.asarray(volume, np.float32)
     device = next(net.parameters()).device
+    out = np.empty(v.shape, np.float32)
+    n = v.shape[2]
     with torch.no_grad():
-        change = net(torch.from_numpy(v / SCALE)[None, None].to(device))[0, 0].cpu().numpy()
-    return (v + SCALE * change).astype(np.float32)
+        for start in range(0, n, CHUNK):
+            stop = min(start + CHUNK, n)
+            lo, hi = max(start - MARGIN, 0), min(stop + MARGIN, n)
+            x = torch.from_numpy(np.ascontiguousarray(v[..., lo:hi]) / SCALE)[None, None].to(device)
+            out[..., start:stop] = net(x)[0, 0, ..., start - lo: stop - lo].cpu().numpy()
+    return SCALE * out
+
+
+def denoise(net, volume: np.ndarray, affine: np.ndarray | None = None) -> np.ndarray:
+    """The network applied to a whole standardised volume: v + D(v / SCALE) · SCALE (float32).
+
+    The network was trained on volumes in RAS orientation and is not equivariant to flips, so the
+    volume is brought to RAS (``affine``; None: it already is), and the change is the mean of the
+    network's on the volume and on its left-right mirror, which the brain's near-symmetry makes an
+    equally likely input (+0.1 to +0.2 dB on held-out heads' noise scanner; mirroring the other axes
+    lost 0.1 to 0.4 dB)."""
+    import nibabel as nb
+
+    v = np.asarray(volume, np.float32)
+    ornt = nb.orientations.io_orientation(np.eye(4) if affine is None else affine)
+    ras = nb.orientations.apply_orientation(v, ornt)
+    change = 0.5 * (_run(net, ras) + _run(net, ras[::-1])[::-1])
+    back = nb.orientations.ornt_transform(nb.orientations.axcodes2ornt("RAS"), ornt)
+    return (v + nb.orientations.apply_orientation(change, back)).astype(np.float32)
 
 
 def state_shapes(channels: int):

@@ -32,10 +32,12 @@ class LoadedModel:
         return self.config.get("name", self.path.name if self.path else "unnamed")
 
 
-def save_model(folder, flow, config: dict, extras: dict | None = None, half: bool = False) -> Path:
+def save_model(folder, flow, config: dict, extras: dict | None = None, half: bool = False, tensors: dict | None = None) -> Path:
+    """Write a model folder: the flow's weights, ``extras`` (arrays, stored as ``extra.NAME``) and
+    ``tensors`` stored under their own names (a learned denoiser's ``denoiser.*``)."""
     import torch
 
-    tensors = {}
+    tensors = dict(tensors or {})
     for k, v in flow.state_dict().items():
         v = v.detach().cpu().contiguous()
         if half and v.is_floating_point():

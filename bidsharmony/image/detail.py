@@ -211,20 +211,20 @@ def _learned_change(denoiser, v: np.ndarray, affine: np.ndarray, target_mm, rec:
     texture, and a quarter of the voxels costs a quarter of the time; the change is brought back
     to the native grid (it then holds no detail finer than the target's)."""
     from bidsharmony.image.denoiser import denoise as learned
-    from bidsharmony.image.resample import from_ants, resample_onto, to_ants
 
     voxel = voxel_sizes(affine)
     if target_mm is None or np.prod(voxel) >= 0.8 * np.prod(target_mm):
         rec["DenoisedOn"] = "native grid"
         return learned(denoiser, v, affine) - v
-    import ants
     import nibabel as nb
 
     axes = nb.orientations.io_orientation(affine)[:, 0].astype(int)  # the RAS axis of each array axis
-    spacing = tuple(float(np.asarray(target_mm, float)[a]) for a in axes)
-    coarse, coarse_affine = from_ants(ants.resample_image(to_ants(v, affine), spacing, use_voxels=False, interp_type=0))
+    factors = voxel / np.asarray(target_mm, float)[axes]
+    # Linear zoom over the whole extent (grid_mode) and back: every native voxel gets a change.
+    coarse = ndimage.zoom(v, factors, order=1, mode="nearest", grid_mode=True)
+    change = learned(denoiser, coarse, affine) - coarse  # the affine's directions are the coarse grid's
     rec["DenoisedOn"] = "target voxel size"
-    return resample_onto(learned(denoiser, coarse, coarse_affine) - coarse, coarse_affine, v.shape, affine)
+    return ndimage.zoom(change, np.divide(v.shape, change.shape), order=1, mode="nearest", grid_mode=True).astype(np.float32)
 
 
 def match_detail(volume: np.ndarray, affine: np.ndarray, band, grid: tuple[tuple[int, ...], np.ndarray],

@@ -107,7 +107,7 @@ def _load_state(folder: Path, net, opt, sched, rng) -> tuple[int, list]:
     from safetensors.torch import load_file
 
     meta = json.loads((folder / f"{STATE}.json").read_text())
-    tensors = load_file(str(folder / f"{STATE}.safetensors"))
+    tensors = load_file(str(folder / f"{STATE}.safetensors"))  # load_state_dict moves them to the network's device
     net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
     state: dict = {}
     for k, v in tensors.items():
@@ -121,7 +121,7 @@ def _load_state(folder: Path, net, opt, sched, rng) -> tuple[int, list]:
 
 
 def fit(pairs, cfg: DenoiserConfig, state_dir=None, *, data: dict | None = None, stop_at: int | None = None,
-        overwrite: bool = False, progress=None):
+        overwrite: bool = False, progress=None, device="cpu"):
     """Train a network on ``pairs`` (``training_pairs``); returns (network in eval mode, loss per step).
 
     With ``state_dir``, the training state (weights, Adam, schedule, patch sampler) is saved there
@@ -137,7 +137,7 @@ def fit(pairs, cfg: DenoiserConfig, state_dir=None, *, data: dict | None = None,
 
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng([cfg.seed, 1])  # the patch sampler; the pairs drew from their own
-    net = build(cfg.channels)
+    net = build(cfg.channels).to(device)
     opt = torch.optim.Adam(net.parameters(), cfg.learning_rate)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.learning_rate, total_steps=cfg.steps, pct_start=max(0.05, 2 / cfg.steps))
     record = {"config": cfg.to_dict(), "data": data or {}}
@@ -154,7 +154,7 @@ def fit(pairs, cfg: DenoiserConfig, state_dir=None, *, data: dict | None = None,
     net.train()
     last = min(cfg.steps, stop_at or cfg.steps)
     while step < last:
-        x, y, m = patches(pairs, cfg.batch, cfg.patch, rng, cfg.flip)
+        x, y, m = (t.to(device) for t in patches(pairs, cfg.batch, cfg.patch, rng, cfg.flip))
         loss = ((x + net(x) - y) ** 2 * m).sum() / m.sum().clamp(min=1.0)
         opt.zero_grad()
         loss.backward()
@@ -166,7 +166,7 @@ def fit(pairs, cfg: DenoiserConfig, state_dir=None, *, data: dict | None = None,
             _save_state(Path(state_dir), net, opt, sched, rng, step, curve, record)
         if progress is not None:
             progress(step, curve)
-    return net.eval(), curve
+    return net.cpu().eval(), curve
 
 
 def pairs_record(files) -> dict:
@@ -188,12 +188,23 @@ def canonical_volumes(files):
 
 
 def train_on_files(files, landmarks, cfg: DenoiserConfig, state_dir=None, *, stop_at: int | None = None,
-                   overwrite: bool = False, progress=None):
+                   overwrite: bool = False, progress=None, device="cpu"):
     """The learned denoiser of a target: pairs from its T1w ``files`` (``training_pairs``, drawn with
     the seed), then ``fit`` (resumable in ``state_dir``). Returns (network, loss per step)."""
     files = [Path(f) for f in files]
-    pairs = training_pairs(canonical_volumes(files), landmarks, cfg.draws, np.random.default_rng([cfg.seed, 0]), cfg.max_sigma)
-    return fit(pairs, cfg, state_dir, data=pairs_record(files), stop_at=stop_at, overwrite=overwrite, progress=progress)
+    data = pairs_record(files)
+    pairs = []  # a finished training's state needs no pairs (a rerun after the flow's training stopped)
+    if not _finished(state_dir, cfg, data):
+        pairs = training_pairs(canonical_volumes(files), landmarks, cfg.draws, np.random.default_rng([cfg.seed, 0]), cfg.max_sigma)
+    return fit(pairs, cfg, state_dir, data=data, stop_at=stop_at, overwrite=overwrite, progress=progress, device=device)
+
+
+def _finished(state_dir, cfg: DenoiserConfig, data: dict) -> bool:
+    state = Path(state_dir) / f"{STATE}.json" if state_dir is not None else None
+    if state is None or not state.is_file():
+        return False
+    saved = json.loads(state.read_text())
+    return saved.get("step") == cfg.steps and saved.get("config") == cfg.to_dict() and saved.get("data") == data
 
 
 def log_progress(steps: int, every: int | None = None):

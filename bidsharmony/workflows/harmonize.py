@@ -118,6 +118,19 @@ def resolve_detail(requested: str, standardise: str, model, read: tuple | None =
     return "match", band, model_detail_voxel(model, read)
 
 
+def resolve_denoiser(requested: str, detail: str, config: dict, model) -> str:
+    """``learned`` or ``non-local-means`` (``none`` without detail matching): ``auto`` is the
+    learned one where the model holds one; ``learned`` with a model without one is refused."""
+    from bidsharmony.errors import ModelError
+    from bidsharmony.flow.checkpoint import has_denoiser
+
+    if detail != "match":
+        return "none"
+    if requested == "learned" and not has_denoiser(config):
+        raise ModelError(f"{model}: the model holds no learned denoiser; retrain it (train --denoiser-steps) or pass --denoiser non-local-means")
+    return "non-local-means" if requested == "non-local-means" or not has_denoiser(config) else "learned"
+
+
 def resolve_standardise(requested: str, config: dict, model) -> str:
     """``auto`` → ``landmarks`` where the model holds landmarks, else ``none`` (with a warning);
     ``landmarks`` with a model without them is refused."""
@@ -164,7 +177,7 @@ def init_harmonize_wf(
     target, JSON).
     """
     from bidsharmony.errors import ModelError
-    from bidsharmony.flow.checkpoint import has_denoiser, model_landmarks, read_config, read_folder
+    from bidsharmony.flow.checkpoint import model_landmarks, read_config, read_folder
     from bidsharmony.harmonize.solvers import HarmonizeParams
 
     config = read_config(model)
@@ -177,6 +190,7 @@ def init_harmonize_wf(
         if landmarks[0] is None:
             raise ModelError(f"{model}: the model has no intensity landmarks in its weights; retrain it or pass --standardise none")
     params.detail, band, detail_voxel = resolve_detail(params.detail, params.standardise, model, read)
+    params.denoiser = resolve_denoiser(params.denoiser, params.detail, config, model)
     params = params.to_dict()
     wf = pe.Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(fields=["t1w"]), name="inputnode")
@@ -187,7 +201,7 @@ def init_harmonize_wf(
         landmarks=landmarks,
         detail_band=band,
         detail_voxel=detail_voxel,
-        detail_model=model if band is not None and has_denoiser(config) else None,
+        detail_model=model if params["denoiser"] == "learned" else None,
     )
     harmonize = pe.Node(
         Harmonize(model=str(model), params=params, device=device, num_threads=omp_nthreads),

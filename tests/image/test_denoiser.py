@@ -1,4 +1,5 @@
-"""The learned denoiser: any volume shape, deterministic, and its training lowers the noise of a head it never saw."""
+"""The learned denoiser: any shape and orientation, chunked as a whole, deterministic; its training lowers the noise
+of a head it never saw, and resumes to the same network."""
 
 import numpy as np
 import pytest
@@ -7,7 +8,9 @@ from scipy import ndimage
 torch = pytest.importorskip("torch")
 
 from bidsharmony.image.denoiser import SCALE, build, denoise
-from bidsharmony.train.denoiser import fit, training_pairs
+from bidsharmony.errors import OutputError
+from bidsharmony.image import denoiser as dn
+from bidsharmony.train.denoiser import DenoiserConfig, fit, training_pairs
 
 
 def _head(shape=(40, 44, 36), seed=0):
@@ -33,9 +36,43 @@ def test_training_lowers_the_noise_of_an_unseen_head():
     landmarks = np.array([0.0, 26.4, 54.0, 70.3, 85.0, 100.0])
     rng = np.random.default_rng(0)
     pairs = training_pairs([_head(seed=s) for s in range(3)], landmarks, draws=2, rng=rng, max_sigma=0.1)
-    net, curve = fit(pairs, steps=400, batch=4, patch=16, lr=3e-3, channels=8, seed=0)
+    net, curve = fit(pairs, DenoiserConfig(steps=400, batch=4, patch=16, learning_rate=3e-3, channels=8))
     assert np.isfinite(curve).all()
     (noisy, clean, head), = training_pairs([_head(seed=9)], landmarks, draws=1, rng=np.random.default_rng(5), max_sigma=0.1)
     before = np.mean((noisy - clean)[head] ** 2)
     after = np.mean((denoise(net, noisy * SCALE) / SCALE - clean)[head] ** 2)
     assert after < 0.8 * before
+
+
+def test_any_orientation_gives_the_ras_result_and_chunks_compute_the_whole(monkeypatch):
+    import nibabel as nb
+
+    torch.manual_seed(0)
+    net = build(4).eval()
+    ras = np.random.default_rng(2).random((20, 24, 30)).astype(np.float32) * SCALE
+    whole = denoise(net, ras)
+    monkeypatch.setattr(dn, "CHUNK", 8)  # four chunks of the last axis, each with its margin
+    np.testing.assert_allclose(denoise(net, ras), whole, rtol=0, atol=1e-4)
+    pir = np.array([[0, 0, -2.0, 0], [-2.0, 0, 0, 0], [0, 2.0, 0, 0], [0, 0, 0, 1]])  # posterior, inferior, right
+    to_pir = nb.orientations.ornt_transform(nb.orientations.axcodes2ornt("RAS"), nb.orientations.io_orientation(pir))
+    src = nb.orientations.apply_orientation(ras, to_pir)
+    back = nb.orientations.apply_orientation(denoise(net, src, pir), nb.orientations.io_orientation(pir))
+    np.testing.assert_allclose(back, whole, rtol=0, atol=1e-4)
+    assert not np.allclose(denoise(net, src), denoise(net, src, pir), atol=1e-3)  # the orientation matters
+
+
+def test_an_interrupted_training_resumes_to_the_same_network(tmp_path):
+    landmarks = np.array([0.0, 26.4, 54.0, 70.3, 85.0, 100.0])
+    pairs = training_pairs([_head(seed=s) for s in range(2)], landmarks, draws=1, rng=np.random.default_rng(0))
+    cfg = DenoiserConfig(steps=12, batch=2, patch=16, channels=4, checkpoint_every=4)
+    whole, curve = fit(pairs, cfg)
+    _, first = fit(pairs, cfg, tmp_path, data={"v": 1}, stop_at=6)  # saves at 4 and at 6, where it stops
+    assert len(first) == 6
+    resumed, rest = fit(pairs, cfg, tmp_path, data={"v": 1})
+    assert rest == curve
+    for a, b in zip(whole.state_dict().values(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(OutputError, match="unfinished training"):
+        fit(pairs, DenoiserConfig(steps=12, batch=2, patch=16, channels=4, learning_rate=5e-3), tmp_path, data={"v": 1})
+    with pytest.raises(OutputError, match="unfinished training"):
+        fit(pairs, cfg, tmp_path, data={"v": 2})

@@ -168,3 +168,21 @@ def test_a_learned_denoiser_runs_above_the_band_only_and_as_far_as_the_gate_says
         out, rec = match_detail(src, affine, band, (v.shape, affine), denoiser=net)
         assert rec["Denoiser"] == "learned" and rec["Weight"] == pytest.approx(weight, abs=1e-6)
         np.testing.assert_allclose(out, src + weight * (denoise(net, src) - src), rtol=1e-5, atol=1e-4)
+
+
+def test_a_learned_denoiser_runs_at_the_target_voxel_size_on_a_finer_scan(head):
+    torch = pytest.importorskip("torch")
+    from bidsharmony.image.denoiser import build
+
+    v, affine, z = head
+    torch.manual_seed(0)
+    net = build(4).eval()
+    src = _noisy(v)
+    band = [0.01 * detail_level(src, z), 0.02 * detail_level(src, z), 0.03 * detail_level(src, z)]  # far below: in full
+    out, rec = match_detail(src, affine, band, (v.shape, affine), target_mm=np.asarray(z) * 2, denoiser=net)
+    assert rec["DenoisedOn"] == "target voxel size" and out.shape == src.shape and np.isfinite(out).all()
+    change = out - src
+    # the change was computed on voxels twice as large: it has little power at the native grid's finest scale
+    assert np.std(np.diff(change, axis=0)) < 0.5 * np.std(change)
+    out, rec = match_detail(src, affine, band, (v.shape, affine), target_mm=np.asarray(z), denoiser=net)
+    assert rec["DenoisedOn"] == "native grid"

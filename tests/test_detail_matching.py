@@ -57,7 +57,10 @@ def test_the_native_output_is_what_the_record_says(tiny_model, example_bids, tmp
     expected, again = match_detail(apply_record(data, rec), img.affine, detail["Band"], (grid[0].shape, grid[1]),
                                    model_detail_voxel(tiny_model), model_denoiser(tiny_model))
     assert again["MeasuredAtVoxel"] == detail["MeasuredAtVoxel"] is not None
-    assert again["Action"] == detail["Action"] and again["Weight"] == pytest.approx(detail["Weight"])
+    # The learned denoiser's weight is linear in the level (bisection quantises non-local means' weight):
+    # the level recomputed here from the float32 voxels differs in the 6th digit, the weight in the 4th.
+    assert again["Action"] == detail["Action"] and again["Weight"] == pytest.approx(detail["Weight"], abs=1e-3)
+    assert again.get("Denoiser") == detail.get("Denoiser")
     np.testing.assert_allclose(np.asanyarray(nb.load(out).dataobj, np.float32), expected, atol=1e-4 * 100)
     if detail["Action"] == "none":
         np.testing.assert_allclose(expected, apply_record(data, rec), atol=1e-4)

@@ -23,6 +23,7 @@ import numpy as np
 LOG = logging.getLogger("bidsharmony")
 STATE = "denoiser-state"  # the resume point's files in a training's state folder
 MAX_SIGMA = 0.08  # the strongest noise drawn, as a fraction of the head's 99th percentile
+PAIR_VOXELS = 6e8  # voxels of all training pairs together (9 bytes each: about 5.4 GB)
 
 
 def training_pairs(volumes: Iterable[tuple[np.ndarray, np.ndarray]], landmarks: np.ndarray, draws: int,
@@ -191,12 +192,30 @@ def train_on_files(files, landmarks, cfg: DenoiserConfig, state_dir=None, *, sto
                    overwrite: bool = False, progress=None, device="cpu"):
     """The learned denoiser of a target: pairs from its T1w ``files`` (``training_pairs``, drawn with
     the seed), then ``fit`` (resumable in ``state_dir``). Returns (network, loss per step)."""
-    files = [Path(f) for f in files]
+    files = within_memory([Path(f) for f in files], cfg)
     data = pairs_record(files)
     pairs = []  # a finished training's state needs no pairs (a rerun after the flow's training stopped)
     if not _finished(state_dir, cfg, data):
         pairs = training_pairs(canonical_volumes(files), landmarks, cfg.draws, np.random.default_rng([cfg.seed, 0]), cfg.max_sigma)
     return fit(pairs, cfg, state_dir, data=data, stop_at=stop_at, overwrite=overwrite, progress=progress, device=device)
+
+
+def within_memory(files: list, cfg: DenoiserConfig, budget: float = PAIR_VOXELS) -> list:
+    """``files``, or a seeded subset of them whose pairs (``cfg.draws`` each; two float32 volumes and
+    a mask per pair) hold at most ``budget`` voxels: all pairs stay in memory, and 150 volumes at
+    1 mm would need 90 GB."""
+    import nibabel as nb
+
+    sizes = [int(np.prod(nb.load(f).shape[:3])) * cfg.draws for f in files]
+    if sum(sizes) <= budget:
+        return files
+    order = np.random.default_rng([cfg.seed, 2]).permutation(len(files))
+    kept = sorted(int(i) for i in order[np.cumsum(np.asarray(sizes)[order]) <= budget])
+    if not kept:
+        kept = [int(order[0])]
+    LOG.warning("the denoiser trains on %d of %d volumes (chosen with the seed): their training pairs would need %.0f GB",
+                len(kept), len(files), sum(sizes) * 9 / 1e9)
+    return [files[i] for i in kept]
 
 
 def _finished(state_dir, cfg: DenoiserConfig, data: dict) -> bool:
@@ -212,14 +231,14 @@ def log_progress(steps: int, every: int | None = None):
     import time
 
     every = every or max(1, steps // 20)
-    t0, first = time.perf_counter(), []
+    start: list = []  # (first step, its time): the clock starts with the training, not with the pairs
 
     def report(step: int, curve: list) -> None:
-        if not first:
-            first.append(step - 1)
+        if not start:
+            start.extend((step - 1, time.perf_counter()))
         if step % every == 0 or step == steps:
-            seconds = time.perf_counter() - t0
-            left = seconds / max(step - first[0], 1) * (steps - step)
+            seconds = time.perf_counter() - start[1]
+            left = seconds / max(step - start[0] - 1, 1) * (steps - step)
             LOG.info("denoiser step %d/%d: loss %.4g (mean of the last %d), %.1f min elapsed, ~%.1f min left",
                      step, steps, float(np.mean(curve[-every:])), min(every, len(curve)), seconds / 60, left / 60)
     return report

@@ -76,3 +76,18 @@ def test_an_interrupted_training_resumes_to_the_same_network(tmp_path):
         fit(pairs, DenoiserConfig(steps=12, batch=2, patch=16, channels=4, learning_rate=5e-3), tmp_path, data={"v": 1})
     with pytest.raises(OutputError, match="unfinished training"):
         fit(pairs, cfg, tmp_path, data={"v": 2})
+
+
+def test_the_training_volumes_are_bounded_by_memory_and_chosen_with_the_seed(tmp_path):
+    import nibabel as nb
+
+    from bidsharmony.train.denoiser import within_memory
+
+    files = []
+    for i in range(6):
+        files.append(tmp_path / f"v{i}.nii.gz")
+        nb.Nifti1Image(np.zeros((10, 10, 10), np.float32), np.eye(4)).to_filename(files[-1])
+    cfg = DenoiserConfig(draws=2)
+    assert within_memory(files, cfg, budget=12000) == files
+    kept = within_memory(files, cfg, budget=4000)
+    assert len(kept) == 2 and set(kept) <= set(files) and kept == within_memory(files, cfg, budget=4000)

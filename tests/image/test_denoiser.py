@@ -7,9 +7,9 @@ from scipy import ndimage
 
 torch = pytest.importorskip("torch")
 
-from bidsharmony.image.denoiser import SCALE, build, denoise
 from bidsharmony.errors import OutputError
 from bidsharmony.image import denoiser as dn
+from bidsharmony.image.denoiser import SCALE, build, denoise
 from bidsharmony.train.denoiser import DenoiserConfig, fit, training_pairs
 
 

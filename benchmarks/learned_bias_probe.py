@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import common
 import nibabel as nb
@@ -71,10 +72,12 @@ class FieldNet(nn.Module):
 
 
 def corrected(net, v: np.ndarray, head: np.ndarray) -> np.ndarray:
+    """v · exp(ĝ) in the head; outside it the field is unconstrained by training (the loss is taken
+    in the head), so the background is left as it is."""
     with torch.no_grad():
         x = torch.from_numpy(np.asarray(v, np.float32) / SCALE)[None, None]
         m = torch.from_numpy(head.astype(np.float32))[None, None]
-        return (v * np.exp(net(x, m)[0, 0].numpy())).astype(np.float32)
+        return (v * np.exp(net(x, m)[0, 0].numpy() * head)).astype(np.float32)
 
 
 def training_pairs(subjects, landmarks, draws, max_amplitude, rng):
@@ -104,6 +107,7 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--eval-subjects", type=int, default=2, help="held-out TRAIN subjects (the last ones)")
     p.add_argument("--name", default="learned_bias_probe")
+    p.add_argument("--save", type=Path, default=None, help="write the trained network's weights here (safetensors)")
     args = p.parse_args()
     common.setup(args)
     if args.quick:
@@ -135,6 +139,11 @@ def main() -> None:
             print(f"step {step} loss {np.mean(curve[-100:]):.3g} (this batch untreated {base:.3g}) {time.perf_counter() - t0:.0f}s", flush=True)
     t_train = time.perf_counter() - t0 - t_data
     net.eval()
+    if args.save:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(args.save),
+                  metadata={"arch": "fieldnet", "channels": str(args.channels), "steps": str(args.steps)})
     gains: dict[tuple[str, str], list] = {}
     for sub in held_out:
         truth, mask, tissue = run.load_subject(DATA, sub)

@@ -86,7 +86,6 @@ def training_pairs(subjects, landmarks, draws, max_amplitude, rng):
         path = run.t1w_path(DATA, sub)
         affine = nb.as_closest_canonical(nb.load(str(path))).affine
         v = unit(run.load_canonical(path))
-        head = head_mask(v)
         for _ in range(draws):
             biased = v * smooth_field(v.shape, rng, amplitude=float(rng.uniform(1.0, max_amplitude)))
             at = common.grid_landmarks(biased, affine)[0]

@@ -47,7 +47,8 @@ def tiny_model(example_bids, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("models") / "tiny"
     work = tmp_path_factory.mktemp("work-train")
     code = main([str(example_bids), str(out), "train", "--preset", "tiny", "--steps", "30", "--train-batch-size", "16",
-                 "--val-every", "15", "--checkpoint-every", "15", "--nprocs", "1", "-w", str(work), "--device", "cpu"])  # fmt: skip
+                 "--val-every", "15", "--checkpoint-every", "15", "--nprocs", "1", "-w", str(work), "--device", "cpu",
+                 "--denoiser-steps", "20"])  # fmt: skip
     assert code == 0
     return out
 

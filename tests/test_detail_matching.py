@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from bidsharmony.errors import ModelError
-from bidsharmony.flow.checkpoint import model_detail_band, model_detail_voxel, model_landmarks, read_folder
+from bidsharmony.flow.checkpoint import model_denoiser, model_detail_band, model_detail_voxel, model_landmarks, read_folder
 from bidsharmony.image.detail import BAND, at_resolution, detail_level, fit_band, match_detail, ras_voxel_mm
 from bidsharmony.image.io import load_t1w
 from bidsharmony.image.resample import canonical, resample_isotropic
@@ -55,9 +55,12 @@ def test_the_native_output_is_what_the_record_says(tiny_model, example_bids, tmp
     img, data = load_t1w(t1w)
     grid = resample_isotropic(*canonical(data, img.affine), 1.2)
     expected, again = match_detail(apply_record(data, rec), img.affine, detail["Band"], (grid[0].shape, grid[1]),
-                                   model_detail_voxel(tiny_model))
+                                   model_detail_voxel(tiny_model), model_denoiser(tiny_model))
     assert again["MeasuredAtVoxel"] == detail["MeasuredAtVoxel"] is not None
-    assert again["Action"] == detail["Action"] and again["Weight"] == pytest.approx(detail["Weight"])
+    # The learned denoiser's weight is linear in the level (bisection quantises non-local means' weight):
+    # the level recomputed here from the float32 voxels differs in the 6th digit, the weight in the 4th.
+    assert again["Action"] == detail["Action"] and again["Weight"] == pytest.approx(detail["Weight"], abs=1e-3)
+    assert again.get("Denoiser") == detail.get("Denoiser")
     np.testing.assert_allclose(np.asanyarray(nb.load(out).dataobj, np.float32), expected, atol=1e-4 * 100)
     if detail["Action"] == "none":
         np.testing.assert_allclose(expected, apply_record(data, rec), atol=1e-4)
@@ -77,6 +80,27 @@ def test_detail_none_and_models_without_a_band(tiny_model, tmp_path):
     assert init_harmonize_wf(model=tiny_model, params={}).get_node("harmonize").inputs.params["detail"] == "match"
 
 
+def test_training_fits_a_learned_denoiser_on_its_training_subjects_and_auto_uses_it(tiny_model, example_bids, tmp_path):
+    pytest.importorskip("torch")
+    cfg, tensors = read_folder(tiny_model)
+    entry = cfg["preprocessing"]["detail"]["learned_denoiser"]
+    train = cfg["training_data"]["subjects_train"]
+    runs = [p for s in train for p in (example_bids / f"sub-{s}").rglob("*_T1w.nii.gz")]
+    assert entry["volumes"] == len(runs) > 0 and entry["trained_steps"] == entry["training"]["steps"] == 20
+    assert model_denoiser(tiny_model) is not None
+
+    def chosen(model, **params):
+        return init_harmonize_wf(model=model, params=params).get_node("harmonize").inputs.params["denoiser"]
+
+    assert chosen(tiny_model) == "learned" and chosen(tiny_model, denoiser="non-local-means") == "non-local-means"
+    assert chosen(tiny_model, detail="none") == "none"
+    del cfg["preprocessing"]["detail"]["learned_denoiser"], cfg["weights_sha256"]
+    write_folder(tmp_path / "plain", {k: v for k, v in tensors.items() if not k.startswith("denoiser.")}, cfg)
+    assert model_denoiser(tmp_path / "plain") is None and chosen(tmp_path / "plain") == "non-local-means"
+    with pytest.raises(ModelError, match="no learned denoiser"):
+        chosen(tmp_path / "plain", denoiser="learned")
+
+
 def test_the_participant_sidecar_and_methods_name_the_detail_matching(participant_run):
     from bidsharmony.reports.boilerplate import plain
 
@@ -88,7 +112,9 @@ def test_the_participant_sidecar_and_methods_name_the_detail_matching(participan
         assert detail["Action"] in ("none", "denoise", "sharpen") and len(detail["Band"]) == 3
         text = plain(meta)
         assert "detail level" in text
-        if detail["Action"] == "denoise":
+        if detail["Action"] == "denoise" and detail["Denoiser"] == "learned":  # the tiny model's (auto)
+            assert "3D U-Net trained on the target scanner's images alone" in text and "Çiçek" in text and "Manjón" not in text
+        elif detail["Action"] == "denoise":
             assert "non-local-means" in text and "Manjón" in text
 
 

@@ -106,8 +106,30 @@ def biology_section(rows, methods, biology: dict, labels) -> list[str]:
     return [*lines, ""]
 
 
+def seen_section(rows, peers, seen: list[str]) -> list[str]:
+    """Volume PSNR on the distortion families the model's training drew (``seen``, ``Scanner.kind``)
+    and on those it never saw, bidsharmony against the best peer on the same volumes: a method that
+    only learned the simulator would win the first row and not the second."""
+    groups = {"seen in training": [k for k in seen], "never seen in training": [k for k in dict.fromkeys(
+        SCANNERS[r["scanner"]].kind for r in rows) if k not in seen]}
+    lines = ["## Distortions seen and never seen in training", "",
+             "The model's training drew synthetic distortions of these families: " + (", ".join(seen) or "none") +
+             " (the learned denoiser: Rician noise of random strength). Volume PSNR (dB), mean over the scanners of each group:", "",
+             "| group | families | scanners | bidsharmony | best peer | bidsharmony − best peer |", "|---|---|---|---|---|---|"]
+    for name, kinds in groups.items():
+        sel = [r for r in rows if SCANNERS[r["scanner"]].kind in kinds]
+        if not sel:
+            continue
+        ours = _mean([r for r in sel if r["method"] == METHOD], "psnr_vol")
+        peer = max(peers, key=lambda m: _mean([r for r in sel if r["method"] == m], "psnr_vol"))
+        best = _mean([r for r in sel if r["method"] == peer], "psnr_vol")
+        scanners = sorted({r["scanner"] for r in sel})
+        lines.append(f"| {name} | {', '.join(kinds)} | {len(scanners)} | {ours:.2f} | {best:.2f} ({peer}) | {ours - best:+.2f} |")
+    return [*lines, ""]
+
+
 def write_report(args, rows, unseen, examples, *, model, target_gm_wm, target_gm_wm_range=None, bhdiff_model=None, walls, seconds_total,
-                 train, test, biology=None) -> None:
+                 train, test, biology=None, seen=()) -> None:
     peers = [p.name for p in make_peers()]
     labels = {METHOD: "**bidsharmony**", BHDIFF: "bidsharmony --method bhdiff (3D)",
               **{k: f"bidsharmony, {v[0]}" for k, v in ABLATIONS.items()}}
@@ -130,7 +152,7 @@ def write_report(args, rows, unseen, examples, *, model, target_gm_wm, target_gm
             "cli_wall_seconds": {k: None if v is None else round(v, 1) for k, v in walls.items()},
             "cli_wall_seconds_per_volume": {k: None if v is None else round(v / max(n_vol[k], 1), 1) for k, v in walls.items()},
             "benchmark_seconds": round(seconds_total, 1), "target_gm_wm_ratio": target_gm_wm,
-            "target_gm_wm_range": list(target_gm_wm_range) if target_gm_wm_range else None}
+            "target_gm_wm_range": list(target_gm_wm_range) if target_gm_wm_range else None, "distortions_seen_in_training": list(seen)}
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / args.name
     Path(f"{stem}.json").write_text(json.dumps({**meta, "rows": rows, "unseen": unseen, "biology": biology or {}}, indent=1,
@@ -159,6 +181,7 @@ def write_report(args, rows, unseen, examples, *, model, target_gm_wm, target_gm
     ]
     for key in ("psnr_vol", "ssim_slice", "dice", "jump_ratio"):
         md += [f"## {HEADERS[key]} per scanner", "", scanner_table(main_rows, main_methods, key, labels), ""]
+    md += seen_section(main_rows, peers, list(seen))
     if biology:
         md += biology_section(main_rows, main_methods, biology, labels)
     if abl_keys:

@@ -32,10 +32,12 @@ class LoadedModel:
         return self.config.get("name", self.path.name if self.path else "unnamed")
 
 
-def save_model(folder, flow, config: dict, extras: dict | None = None, half: bool = False) -> Path:
+def save_model(folder, flow, config: dict, extras: dict | None = None, half: bool = False, tensors: dict | None = None) -> Path:
+    """Write a model folder: the flow's weights, ``extras`` (arrays, stored as ``extra.NAME``) and
+    ``tensors`` stored under their own names (a learned denoiser's ``denoiser.*``)."""
     import torch
 
-    tensors = {}
+    tensors = dict(tensors or {})
     for k, v in flow.state_dict().items():
         v = v.detach().cpu().contiguous()
         if half and v.is_floating_point():
@@ -151,6 +153,25 @@ def model_detail_voxel(folder, read: tuple | None = None):
     return voxel.double().numpy()
 
 
+def model_denoiser(folder, read: tuple | None = None):
+    """The learned denoiser a model folder holds (``bidsharmony.image.denoiser``; its tensors under
+    ``denoiser.``, its architecture in ``preprocessing.detail.learned_denoiser``), or None."""
+    from bidsharmony.image.denoiser import from_tensors
+
+    cfg, tensors = read or read_folder(folder)
+    entry = ((cfg.get("preprocessing") or {}).get("detail") or {}).get("learned_denoiser")
+    if not entry:
+        return None
+    if entry.get("architecture") != "unet3d":
+        raise ModelError(f"{Path(folder) / CONFIG}: learned denoiser architecture {entry.get('architecture')!r} is not unet3d")
+    return from_tensors(tensors, int(entry.get("channels", 16)), folder)
+
+
 def has_landmarks(cfg: dict) -> bool:
     """Whether a model's config says it standardises intensities (read without the weights)."""
     return bool((cfg.get("preprocessing") or {}).get("standardisation"))
+
+
+def has_denoiser(cfg: dict) -> bool:
+    """Whether a model's config says it holds a learned denoiser (read without the weights)."""
+    return bool(((cfg.get("preprocessing") or {}).get("detail") or {}).get("learned_denoiser"))

@@ -25,6 +25,7 @@ SOLVERS = ("alternating", "latent")
 STARTS = ("source", "mean")
 STANDARDISATIONS = ("auto", "landmarks", "none")  # auto: landmarks where the model has them
 DETAILS = ("auto", "match", "none")
+DENOISERS = ("auto", "learned", "non-local-means", "none")  # auto: learned where the model holds one; none: no detail stage
 
 
 @dataclass
@@ -52,6 +53,8 @@ class HarmonizeParams:
     standardise: str = "auto"
     # After it, denoise or sharpen the volume until its detail level is the target's (docs/method.md §8).
     detail: str = "auto"
+    # Which denoiser the detail stage uses above the band (docs/method.md §8).
+    denoiser: str = "auto"
 
     def validate(self) -> "HarmonizeParams":
         if self.similarity not in SIMILARITIES:
@@ -64,6 +67,8 @@ class HarmonizeParams:
             raise ValueError(f"standardise must be one of {STANDARDISATIONS}, not {self.standardise!r}")
         if self.detail not in DETAILS:
             raise ValueError(f"detail must be one of {DETAILS}, not {self.detail!r}")
+        if self.denoiser not in DENOISERS:
+            raise ValueError(f"denoiser must be one of {DENOISERS}, not {self.denoiser!r}")
         if self.iterations < 0 or self.batch_size < 1:
             raise ValueError("iterations must be >= 0 and batch size >= 1")
         return self

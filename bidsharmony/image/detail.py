@@ -205,15 +205,42 @@ def _denoise_here(folder) -> None:
     np.save(Path(folder) / "out.npy", out.astype(np.float32) + v.min())
 
 
+def _learned_change(denoiser, v: np.ndarray, affine: np.ndarray, target_mm, rec: dict) -> np.ndarray:
+    """The learned denoiser's change to ``v``, computed at the voxel size it was trained at (the
+    target's acquired ``target_mm``) where the scan is finer: noise of a finer grid has another
+    texture, and a quarter of the voxels costs a quarter of the time; the change is brought back
+    to the native grid (it then holds no detail finer than the target's)."""
+    from bidsharmony.image.denoiser import denoise as learned
+
+    voxel = voxel_sizes(affine)
+    if target_mm is None or np.prod(voxel) >= 0.8 * np.prod(target_mm):
+        rec["DenoisedOn"] = "native grid"
+        return learned(denoiser, v, affine) - v
+    import nibabel as nb
+
+    axes = nb.orientations.io_orientation(affine)[:, 0].astype(int)  # the RAS axis of each array axis
+    factors = voxel / np.asarray(target_mm, float)[axes]
+    # Linear zoom over the whole extent (grid_mode) and back: every native voxel gets a change.
+    coarse = ndimage.zoom(v, factors, order=1, mode="nearest", grid_mode=True)
+    change = learned(denoiser, coarse, affine) - coarse  # the affine's directions are the coarse grid's
+    rec["DenoisedOn"] = "target voxel size"
+    return ndimage.zoom(change, np.divide(v.shape, change.shape), order=1, mode="nearest", grid_mode=True).astype(np.float32)
+
+
 def match_detail(volume: np.ndarray, affine: np.ndarray, band, grid: tuple[tuple[int, ...], np.ndarray],
-                 target_mm=None) -> tuple[np.ndarray, dict]:
+                 target_mm=None, denoiser=None) -> tuple[np.ndarray, dict]:
     """Bring a standardised volume's detail level into the target's ``band`` (``fit_band``).
 
     ``volume``/``affine``: the voxels to change (the native grid, standardised). ``grid``: (shape,
     affine) of the grid the level is defined on (the pipeline's 1.2 mm grid): every level, the
     volume's own included, is measured on the volume resampled there, at the target's acquired
     voxel size ``target_mm`` (``at_resolution``; None: as it is). Returns (the volume, changed or
-    not; the record a sidecar states: level, band, action, weight and level reached)."""
+    not; the record a sidecar states: level, band, action, weight and level reached).
+
+    ``denoiser``: a learned denoiser (``bidsharmony.image.denoiser``) to use above the band instead of
+    non-local means. Its change is applied as far as the gate's strength says (in full half the
+    band's width above it), not bisected to a level: the level reaches the band's mean after a third
+    of the network's change, which leaves most of its gain unused (benchmarks/learned_denoise_probe.py)."""
     from bidsharmony.image.resample import resample_onto
 
     lo, mean, hi = (float(x) for x in band)
@@ -240,8 +267,13 @@ def match_detail(volume: np.ndarray, affine: np.ndarray, band, grid: tuple[tuple
     if goal == level:  # inside the band, or under it by less than half its width
         return v, rec
     voxel = voxel_sizes(affine)
+    if level > hi and denoiser is not None:
+        w = _strength(level, lo, hi)
+        out = v + w * _learned_change(denoiser, v, affine, target_mm, rec)
+        rec.update(Action="denoise", Denoiser="learned", Weight=float(w), LevelReached=level_on_grid(on_grid(out)))
+        return out.astype(np.float32), rec
     if level > hi:
-        rising, top, rec["Action"] = False, 1.0, "denoise"
+        rising, top, rec["Action"], rec["Denoiser"] = False, 1.0, "denoise", "non-local means"
         if np.prod(voxel) < np.prod(zooms):  # finer than the grid: denoise there (fewer voxels), bring the change back
             direction = resample_onto(denoise(start, grid_affine) - start, grid_affine, v.shape, affine)
             rec["DenoisedOn"] = "harmonization grid"

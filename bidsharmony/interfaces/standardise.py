@@ -18,6 +18,7 @@ class _StandardiseInputSpec(BaseInterfaceInputSpec):
                        "native voxels are standardised and detail-matched here (``bidsharmony.image.detail``)")
     target_voxel = traits.List(traits.Float, minlen=3, maxlen=3, desc="the target's acquired voxel size (RAS, mm) the band's "
                                "levels are measured at; unset: as the source was acquired")
+    denoiser_model = traits.Str(desc="a model folder holding a learned denoiser, used above the band instead of non-local means")
 
 
 class _StandardiseOutputSpec(TraitedSpec):
@@ -80,7 +81,12 @@ class Standardise(SimpleInterface):
         native = apply_record(data, record)
         try:
             target = self.inputs.target_voxel if isdefined(self.inputs.target_voxel) else None
-            native, detail = match_detail(native, orig.affine, self.inputs.band, (standardised.shape, affine), target)
+            denoiser = None
+            if isdefined(self.inputs.denoiser_model):
+                from bidsharmony.flow.checkpoint import model_denoiser
+
+                denoiser = model_denoiser(self.inputs.denoiser_model)
+            native, detail = match_detail(native, orig.affine, self.inputs.band, (standardised.shape, affine), target, denoiser)
         except ValueError as e:
             raise ImageError(f"{self.inputs.source}: cannot measure its detail level ({e})") from None
         if detail["Action"] != "none":

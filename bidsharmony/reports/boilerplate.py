@@ -59,6 +59,14 @@ REFERENCES = {
         "  title = {{Neural Spline Flows}},\n  booktitle = {{Advances in Neural Information Processing Systems}},\n"
         "  volume = {{32}},\n  year = {{2019}}\n}}",
     ),
+    "unet3d": (
+        "Çiçek Ö, Abdulkadir A, Lienkamp SS, Brox T, Ronneberger O. 3D U-Net: learning dense volumetric segmentation from "
+        "sparse annotation. MICCAI 2016, LNCS 9901:424-432. doi:10.1007/978-3-319-46723-8_49",
+        "@inproceedings{{cicek2016unet3d,\n  author = {{{{\\c{{C}}}}i{{\\c{{c}}}}ek, {{\\\"O}}zg{{\\\"u}}n and Abdulkadir, Ahmed and "
+        "Lienkamp, Soeren S. and Brox, Thomas and Ronneberger, Olaf}},\n  title = {{{{3D U-Net}}: Learning Dense Volumetric "
+        "Segmentation from Sparse Annotation}},\n  booktitle = {{Medical Image Computing and Computer-Assisted Intervention "
+        "({{MICCAI}})}},\n  pages = {{424--432}},\n  year = {{2016}},\n  doi = {{10.1007/978-3-319-46723-8_49}}\n}}",
+    ),
     "bhdiff": (
         "BlindHarmonyDiff: Efficient and robust 3D blind harmonization for large domain gaps. arXiv:2505.00133, 2025",
         "@misc{{blindharmonydiff2025,\n  title = {{Efficient and robust {{3D}} blind harmonization for large domain gaps}},\n"
@@ -225,6 +233,11 @@ def _detail_text(detail) -> str:
     level = (f"Its detail level (the robust standard deviation of the fine residual over the edge strength) was "
              f"{_num(round(float(detail.get('Level', 0)), 3))}, against the target's training range {lo:.3f}–{hi:.3f}")
     action = detail.get("Action")
+    if action == "denoise" and detail.get("Denoiser") == "learned":
+        return (level + "; the image was therefore denoised by a small 3D U-Net trained on the target scanner's images "
+                "alone, to remove added Rician noise {unet3d}, with its change applied at weight "
+                f"{float(detail.get('Weight', 0)):.2f} (in full from half the range's width above it; computed on the "
+                f"{'target voxel size' if detail.get('DenoisedOn') == 'target voxel size' else 'native grid'}). ")
     if action == "denoise":
         return (level + "; the image was therefore blended with its adaptive non-local-means denoising {manjon} (ANTs, "
                 f"Rician model; weight {float(detail.get('Weight', 0)):.2f}) until its level was the target's mean, {mean:.3f}. ")

@@ -162,12 +162,13 @@ def _load_state(folder: Path, flow, opt, sched, gen):
 
 
 def train_flow(train: SliceSet, val: SliceSet, cfg: TrainConfig, out_dir, device="cpu", extras=None, meta=None, progress=True,
-               stop_at: int | None = None, overwrite: bool = False) -> dict:
+               stop_at: int | None = None, overwrite: bool = False, tensors: dict | None = None) -> dict:
     """Fit a flow of preset ``cfg.preset`` on ``train``; keeps the best-validation model in ``out_dir``.
 
     ``stop_at`` ends this call early at that step, after a checkpoint (a job's time limit); calling
     again with the same config and data resumes; other ones are refused (OutputError), or with
-    ``overwrite`` start over. Returns a summary (steps, best validation bits/dim, seconds).
+    ``overwrite`` start over. ``extras``/``tensors``: what else the model folder holds
+    (``save_model``). Returns a summary (steps, best validation bits/dim, seconds).
     """
     import torch
 
@@ -248,7 +249,7 @@ def train_flow(train: SliceSet, val: SliceSet, cfg: TrainConfig, out_dir, device
                 card_meta = dict(meta or {})
                 card_meta["training"] = {**card_meta.get("training", {}), **cfg.to_dict(), "best_step": step, "validation_bpd": round(best, 5), "device": str(device)}
                 card_meta["validation_bpd"] = round(best, 5)
-                save_model(out_dir, flow, card_meta, extras=extras)
+                save_model(out_dir, flow, card_meta, extras=extras, tensors=tensors)
         if step % cfg.checkpoint_every == 0 or step == last:
             _save_state(state_dir, flow, opt, sched, gen, step, history, best, cfg, data)
         if step % every == 0 or step == cfg.steps:

@@ -21,6 +21,7 @@ from bidsharmony.space import DEFAULT, Space
 
 
 def init_slices_wf(*, space: Space = DEFAULT, omp_nthreads: int = 1, landmarks=None, detail_band=None, detail_voxel=None,
+                   detail_model=None,
                    name: str = "slices_wf"):
     """T1w -> canonical isotropic volume [-> standardised onto ``landmarks`` [-> detail-matched to
     ``detail_band``]] -> normalised slices on the model grid.
@@ -41,6 +42,9 @@ def init_slices_wf(*, space: Space = DEFAULT, omp_nthreads: int = 1, landmarks=N
     detail_voxel : array or None
         The target's acquired voxel size the band's levels are measured at (``model_detail_voxel``;
         None: as acquired).
+    detail_model : path or None
+        A model folder holding a learned denoiser (``model_denoiser``), used above the band instead
+        of non-local means; None: non-local means.
 
     Inputs: ``t1w``. Outputs: ``resampled`` (NIfTI: the volume the slices were cut from, standardised
     when ``landmarks`` are given), ``slices`` (.npy), ``record`` (.npz); with ``landmarks`` also
@@ -71,6 +75,8 @@ def init_slices_wf(*, space: Space = DEFAULT, omp_nthreads: int = 1, landmarks=N
         standardise.inputs.band = [float(x) for x in detail_band]
         if detail_voxel is not None:
             standardise.inputs.target_voxel = [float(x) for x in detail_voxel]
+        if detail_model is not None:
+            standardise.inputs.denoiser_model = str(detail_model)
         wf.connect([(standardise, outputnode, [("native_file", "native")])])
     wf.connect([
         (inputnode, standardise, [("t1w", "source")]),
@@ -110,6 +116,19 @@ def resolve_detail(requested: str, standardise: str, model, read: tuple | None =
             raise ModelError(f"{model}: the model has no detail band; refit it (benchmarks/fit_landmarks.py) or pass --detail none")
         return "none", None, None
     return "match", band, model_detail_voxel(model, read)
+
+
+def resolve_denoiser(requested: str, detail: str, config: dict, model) -> str:
+    """``learned`` or ``non-local-means`` (``none`` without detail matching): ``auto`` is the
+    learned one where the model holds one; ``learned`` with a model without one is refused."""
+    from bidsharmony.errors import ModelError
+    from bidsharmony.flow.checkpoint import has_denoiser
+
+    if detail != "match":
+        return "none"
+    if requested == "learned" and not has_denoiser(config):
+        raise ModelError(f"{model}: the model holds no learned denoiser; retrain it (train --denoiser-steps) or pass --denoiser non-local-means")
+    return "non-local-means" if requested == "non-local-means" or not has_denoiser(config) else "learned"
 
 
 def resolve_standardise(requested: str, config: dict, model) -> str:
@@ -171,6 +190,7 @@ def init_harmonize_wf(
         if landmarks[0] is None:
             raise ModelError(f"{model}: the model has no intensity landmarks in its weights; retrain it or pass --standardise none")
     params.detail, band, detail_voxel = resolve_detail(params.detail, params.standardise, model, read)
+    params.denoiser = resolve_denoiser(params.denoiser, params.detail, config, model)
     params = params.to_dict()
     wf = pe.Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(fields=["t1w"]), name="inputnode")
@@ -181,6 +201,7 @@ def init_harmonize_wf(
         landmarks=landmarks,
         detail_band=band,
         detail_voxel=detail_voxel,
+        detail_model=model if params["denoiser"] == "learned" else None,
     )
     harmonize = pe.Node(
         Harmonize(model=str(model), params=params, device=device, num_threads=omp_nthreads),

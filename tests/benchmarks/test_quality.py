@@ -215,3 +215,21 @@ def test_biology_section_reports_each_methods_change_of_the_gm_fraction_age_corr
     keeps, breaks = (c.strip() for c in row.strip("|").split("|")[1:])
     assert keeps == "+0.000"
     assert breaks.endswith("✗") and float(breaks.split()[0]) > 1.5  # r flipped from about −0.99 to +0.99
+
+
+def test_the_report_separates_distortions_seen_in_training_from_those_never_seen():
+    """Known answers: bidsharmony 2 dB over the best peer on the noise scanner (a family its training
+    drew), 1 dB under it on the others; the two rows say so, each against that group's best peer."""
+    from benchmarks.quality.plan import METHOD
+    from benchmarks.quality.report import seen_section
+
+    psnr = {("noise", "histmatch"): 25.0, ("noise", "nyul"): 26.0, ("noise", METHOD): 28.0,
+            ("bias", "histmatch"): 23.5, ("bias", "nyul"): 23.0, ("bias", METHOD): 23.0,
+            ("gamma0p7", "histmatch"): 38.0, ("gamma0p7", "nyul"): 39.0, ("gamma0p7", METHOD): 38.0}  # fmt: skip
+    rows = [{"scanner": s, "method": m, "subject": "sub-1", "psnr_vol": v} for (s, m), v in psnr.items()]
+    lines = seen_section(rows, ["histmatch", "nyul"], ["noise"])
+    seen = next(line for line in lines if line.startswith("| seen in training"))
+    never = next(line for line in lines if line.startswith("| never seen"))
+    assert "| noise | 1 | 28.00 | 26.00 (nyul) | +2.00 |" in seen
+    assert "| 2 | 30.50 | 31.00 (nyul) | -0.50 |" in never and "monotone" in never and "spatial" in never
+    assert not any(line.startswith("| seen in training") for line in seen_section(rows, ["histmatch", "nyul"], []))

@@ -159,6 +159,7 @@ def test_sidecars_record_provenance(participant_run, tiny_model):
             "start": "source", "solver": "alternating", "latent_lr": 0.05, "batch_size": 8, "seed": 0,
             "standardise": "landmarks",  # auto, resolved: the model train wrote has landmarks
             "detail": "match",  # auto, resolved: and a detail band
+            "denoiser": "learned",  # auto, resolved: and a learned denoiser
         }  # fmt: skip
         assert meta["SoftwareVersion"] == __version__ and meta["Device"] == "cpu"
         assert meta["HarmonizationSeconds"] > 0 and 0 < meta["SlicesHarmonized"] <= meta["SlicesTotal"]

@@ -150,3 +150,39 @@ def test_a_finer_scan_is_measured_at_the_targets_resolution_and_its_noise_still_
     assert rec["Action"] == "none" and out is native and rec["MeasuredAtVoxel"] == [2.0, 2.0, 2.0]
     noisy = _noisy(grid, fraction=0.08)
     assert detail_level(at_resolution(noisy, a12, acquired, target)) > band[2]
+
+
+def test_a_learned_denoiser_runs_above_the_band_only_and_as_far_as_the_gate_says(head):
+    torch = pytest.importorskip("torch")
+    from bidsharmony.image.denoiser import build, denoise
+
+    v, affine, z = head
+    torch.manual_seed(0)
+    net = build(4).eval()
+    level = detail_level(v, z)
+    out, rec = match_detail(v, affine, fit_band([0.9 * level, level, 1.1 * level]), (v.shape, affine), denoiser=net)
+    assert rec["Action"] == "none" and np.array_equal(out, v)  # inside the band: untouched
+    src = _noisy(v)
+    high = detail_level(src, z)
+    for band, weight in (([0.5 * level, 0.6 * level, 0.7 * level], 1.0), ([high - 0.25 * level, high - 0.15 * level, high - 0.05 * level], 0.5)):
+        out, rec = match_detail(src, affine, band, (v.shape, affine), denoiser=net)
+        assert rec["Denoiser"] == "learned" and rec["Weight"] == pytest.approx(weight, abs=1e-6)
+        np.testing.assert_allclose(out, src + weight * (denoise(net, src) - src), rtol=1e-5, atol=1e-4)
+
+
+def test_a_learned_denoiser_runs_at_the_target_voxel_size_on_a_finer_scan(head):
+    torch = pytest.importorskip("torch")
+    from bidsharmony.image.denoiser import build
+
+    v, affine, z = head
+    torch.manual_seed(0)
+    net = build(4).eval()
+    src = _noisy(v)
+    band = [0.01 * detail_level(src, z), 0.02 * detail_level(src, z), 0.03 * detail_level(src, z)]  # far below: in full
+    out, rec = match_detail(src, affine, band, (v.shape, affine), target_mm=np.asarray(z) * 2, denoiser=net)
+    assert rec["DenoisedOn"] == "target voxel size" and out.shape == src.shape and np.isfinite(out).all()
+    change = out - src
+    # the change was computed on voxels twice as large: it has little power at the native grid's finest scale
+    assert np.std(np.diff(change, axis=0)) < 0.5 * np.std(change)
+    out, rec = match_detail(src, affine, band, (v.shape, affine), target_mm=np.asarray(z), denoiser=net)
+    assert rec["DenoisedOn"] == "native grid"

@@ -423,3 +423,18 @@ def test_figures_show_the_input_in_the_outputs_units():
     curved, _ = in_output_units(before, 100 * (before / 900) ** 2)
     head = before > 0
     assert np.abs(curved - 100 * (before / 900) ** 2)[head].mean() > 1  # the curve is still a change
+
+
+def test_the_methods_paragraph_names_the_denoiser_that_ran_and_cites_it():
+    from bidsharmony.reports import boilerplate
+
+    detail = {"Band": [0.4, 0.44, 0.5], "Level": 0.6, "Action": "denoise", "Weight": 1.0, "LevelReached": 0.45}
+    base = {"Method": "flow", "Parameters": {"iterations": 0}, "SoftwareVersion": "0", "Model": {"Name": "m"},
+            "Standardisation": {"Method": "piecewise-linear", "Detail": detail}}
+    learned = boilerplate.plain({**base, "Standardisation": {**base["Standardisation"], "Detail": {**detail, "Denoiser": "learned",
+                                                                                                   "DenoisedOn": "target voxel size"}}})
+    body, refs = learned.split("\nReferences\n", 1)
+    assert "3D U-Net trained on the target scanner's images alone" in body and "computed on the target voxel size" in body
+    assert "3D U-Net: learning dense volumetric segmentation" in refs and "non-local" not in learned
+    nlm = boilerplate.plain({**base, "Standardisation": {**base["Standardisation"], "Detail": {**detail, "Denoiser": "non-local means"}}})
+    assert "non-local-means denoising" in nlm and "U-Net" not in nlm

@@ -95,6 +95,31 @@ def training_pairs(subjects, landmarks, draws, max_amplitude, rng):
     return pairs
 
 
+def clean_volumes(subjects, landmarks):
+    """[(clean volume standardised on its own landmarks / SCALE, head)]: fields are drawn afresh each step."""
+    out = []
+    for sub in subjects:
+        path = run.t1w_path(DATA, sub)
+        affine = nb.as_closest_canonical(nb.load(str(path))).affine
+        v = unit(run.load_canonical(path))
+        out.append((standardise(v, landmarks, source_landmarks=common.grid_landmarks(v, affine)[0]) / SCALE, head_mask(v)))
+    return out
+
+
+def fresh_batch(clean, size, max_amplitude, rng):
+    """``size`` volumes, each times a new random field and mirrored left-right with probability ½:
+    (biased, clean, head) tensors. The field multiplies the standardised volume (no second map)."""
+    xs, ys, ms = [], [], []
+    for i in rng.integers(len(clean), size=size):
+        y, head = clean[i]
+        if rng.random() < 0.5:
+            y, head = y[::-1], head[::-1]
+        xs.append(y * smooth_field(y.shape, rng, amplitude=float(rng.uniform(1.0, max_amplitude))))
+        ys.append(y)
+        ms.append(head)
+    return tuple(torch.from_numpy(np.ascontiguousarray(np.stack(a)[:, None], dtype=np.float32)) for a in (xs, ys, ms))
+
+
 def main() -> None:
     p = common.parser(__doc__)
     p.add_argument("--train-subjects", type=int, default=40)
@@ -106,6 +131,9 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--eval-subjects", type=int, default=2, help="held-out TRAIN subjects (the last ones)")
     p.add_argument("--name", default="learned_bias_probe")
+    p.add_argument("--fields", choices=("fresh", "fixed"), default="fresh",
+                   help="fresh: a new field every step on each clean volume (the default); fixed: --draws fields per volume, "
+                        "each through its own standardisation (the first run: the network memorised its 40 subjects)")
     p.add_argument("--save", type=Path, default=None, help="write the trained network's weights here (safetensors)")
     args = p.parse_args()
     common.setup(args)
@@ -118,15 +146,19 @@ def main() -> None:
     fit = train[: args.train_subjects]
     assert not set(fit) & set(held_out)
     landmarks, _ = model_landmarks(MODEL, read_folder(MODEL))
-    pairs = training_pairs(fit, landmarks, args.draws, args.max_amplitude, rng)
+    pairs = (training_pairs(fit, landmarks, args.draws, args.max_amplitude, rng) if args.fields == "fixed"
+             else clean_volumes(fit, landmarks))
     t_data = time.perf_counter() - t0
     net = FieldNet(args.channels)
     opt = torch.optim.Adam(net.parameters(), args.lr)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, args.lr, total_steps=args.steps, pct_start=max(0.05, 2 / args.steps))
     curve = []
     for step in range(args.steps):
-        picks = [pairs[i] for i in rng.integers(len(pairs), size=args.batch)]
-        x, y, m = (torch.from_numpy(np.stack([q[k] for q in picks])[:, None].astype(np.float32)) for k in range(3))
+        if args.fields == "fixed":
+            picks = [pairs[i] for i in rng.integers(len(pairs), size=args.batch)]
+            x, y, m = (torch.from_numpy(np.stack([q[k] for q in picks])[:, None].astype(np.float32)) for k in range(3))
+        else:
+            x, y, m = fresh_batch(pairs, args.batch, args.max_amplitude, rng)
         loss = ((x * torch.exp(net(x, m)) - y) ** 2 * m).sum() / m.sum()
         opt.zero_grad()
         loss.backward()
@@ -167,6 +199,10 @@ def main() -> None:
     rows = [[s + (" (family trained on)" if s == "bias" else ""), *[f"{np.mean(gains[(s, c)]):+.2f}" if c != cols[0]
                                                                    else f"{np.mean(gains[(s, c)]):.2f}" for c in cols]] for s in SCANNERS]
     nparams = sum(q.numel() for q in net.parameters())
+    recipe = (f"{args.draws} biased copies (smooth fields, amplitude ~ U(1, {args.max_amplitude})); L2 in the head to the clean "
+              "volume put through the biased one's standardisation" if args.fields == "fixed" else
+              f"a new smooth field each step (amplitude ~ U(1, {args.max_amplitude})) on the standardised clean volume, mirrored "
+              "left-right half the time; L2 in the head to the clean volume")
     common.write_results(
         args, "cpu", args.name, "Probe: a smooth field learned from the target's own images, on the bias scanner",
         common.table(["scanner", *cols], rows),
@@ -174,9 +210,7 @@ def main() -> None:
           "(the first column: the standardised volume's own PSNR; 'truth': the target's own image, capped at 99 dB)."),
          (f"Network: dilated 3D convolutions at {2 * POOL} mm ({args.channels} channels), a log-field upsampled and multiplied, "
           f"{nparams} parameters; trained {args.steps} steps × {args.batch} whole volumes on {len(fit)} IXI-HH TRAIN subjects × "
-          f"{args.draws} biased copies (smooth fields, amplitude ~ U(1, {args.max_amplitude})); L2 in the head to the clean volume "
-          f"put through the biased one's standardisation; data {t_data:.0f} s, training {t_train:.0f} s; last 100 steps' loss "
-          f"{np.mean(curve[-100:]):.3g}."),
+          + recipe + f"; data {t_data:.0f} s, training {t_train:.0f} s; last 100 steps' loss {np.mean(curve[-100:]):.3g}."),
          f"Whole run {time.perf_counter() - t0:.0f} s."],
         {"gains": {f"{s}|{c}": v for (s, c), v in gains.items()}, "curve": curve[::10]})
 

@@ -71,7 +71,7 @@ def test_flow_matching_loss_falls_on_tiny_volumes():
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     assert np.mean(losses[-10:]) < 0.7 * np.mean(losses[:10])
 
 

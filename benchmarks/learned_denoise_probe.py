@@ -10,7 +10,7 @@ volume, clean, put through the noisy volume's map (so the pair differs by noise 
 network learns to denoise, not to re-standardise). The loss is L2 in the head: outside it the
 Rician floor, stretched by the map's lowest segment, dominates. The reference carries the target's
 own noise, so the network learns the expectation of a target image given the noisier one: it
-removes the added noise, not the target's. The network: a small 3D U-Net (``UNet3D``).
+removes the added noise, not the target's. The network: the pipeline's small 3D U-Net (``bidsharmony.image.denoiser.build``).
 
 Scored like ``denoise_probe.py``: held-out TRAIN heads under the benchmark's simulated scanners,
 volume PSNR in the brain against the truth, gains over the standardised volume; the network applied
@@ -31,45 +31,18 @@ import common
 import nibabel as nb
 import numpy as np
 import torch
-from torch import nn
 
 from benchmarks.quality import run, scores
 from bidsharmony.flow.checkpoint import model_detail_band, model_detail_voxel, model_landmarks, read_folder
 from bidsharmony.image import detail
+from bidsharmony.image.denoiser import SCALE, build
 from bidsharmony.image.slices import head_mask
 from bidsharmony.image.standardise import standardise
 from bidsharmony.simulation import rician, simulate, unit
 
 DATA = common.REPO.parent / "shared" / "data" / "ixi-hh"
 MODEL = common.REPO / "bidsharmony" / "data" / "models" / "ixi-hh-fast"
-SCALE = 100.0  # the standard scale's top landmark: the network sees volumes / SCALE
 SCANNERS = ("noise", "truth", "gamma0p7", "bias", "blur", "contrast")
-
-
-class UNet3D(nn.Module):
-    """A small 3D U-Net: two convolutions per level, three levels (average pooling down, transposed
-    convolutions up, skip connections), ``c``, 2c and 4c channels; its receptive field spans ~44 voxels."""
-
-    def __init__(self, c: int = 16):
-        super().__init__()
-
-        def block(i, o):
-            return nn.Sequential(nn.Conv3d(i, o, 3, padding=1), nn.LeakyReLU(0.1), nn.Conv3d(o, o, 3, padding=1), nn.LeakyReLU(0.1))
-
-        self.e1, self.e2, self.e3 = block(1, c), block(c, 2 * c), block(2 * c, 4 * c)
-        self.u2, self.d2 = nn.ConvTranspose3d(4 * c, 2 * c, 2, stride=2), block(4 * c, 2 * c)
-        self.u1, self.d1 = nn.ConvTranspose3d(2 * c, c, 2, stride=2), block(2 * c, c)
-        self.out = nn.Conv3d(c, 1, 1)
-
-    def forward(self, x):
-        pad = [(-s) % 4 for s in x.shape[2:]]
-        xp = nn.functional.pad(x, [q for p in reversed(pad) for q in (0, p)], mode="replicate")
-        a = self.e1(xp)
-        b = self.e2(nn.functional.avg_pool3d(a, 2))
-        c = self.e3(nn.functional.avg_pool3d(b, 2))
-        b = self.d2(torch.cat([self.u2(c), b], 1))
-        a = self.d1(torch.cat([self.u1(b), a], 1))
-        return self.out(a)[..., : x.shape[2], : x.shape[3], : x.shape[4]]
 
 
 def residual(net, v: np.ndarray) -> np.ndarray:
@@ -134,7 +107,7 @@ def main() -> None:
     (landmarks, _), band, voxel = model_landmarks(MODEL, read), model_detail_band(MODEL, read), model_detail_voxel(MODEL, read)
     pairs = training_pairs(fit, landmarks, args.draws, rng)
     t_data = time.perf_counter() - t0
-    net = UNet3D(args.channels)
+    net = build(args.channels)
     opt = torch.optim.Adam(net.parameters(), args.lr)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, args.lr, total_steps=args.steps, pct_start=max(0.05, 2 / args.steps))
     curve = []
@@ -184,13 +157,13 @@ def main() -> None:
                 gated, grec = detail.match_detail(std, affine, band, grid, voxel)
             finally:
                 detail.denoise = shipped_denoise
-            row = {"standardised (dB)": base, "shipped detail stage": psnr(shipped) - base, "network, full": blends[1.0],
+            row = {"standardised (dB)": base, "detail stage, non-local means": psnr(shipped) - base, "network, full": blends[1.0],
                    "network through the detail stage": psnr(gated) - base, "network, oracle blend": blends[best]}
             for k, val in row.items():
                 gains.setdefault((scanner, k), []).append(val)
             print(sub, scanner, "; ".join(f"{k} {val:+.2f}" for k, val in row.items()), f"(stage {rec['Action']} w={rec['Weight']:.2f}; "
                   f"network stage {grec['Action']} w={grec['Weight']:.2f}; oracle w={best})", flush=True)
-    cols = ["standardised (dB)", "shipped detail stage", "network, full", "network through the detail stage", "network, oracle blend"]
+    cols = ["standardised (dB)", "detail stage, non-local means", "network, full", "network through the detail stage", "network, oracle blend"]
     rows = [[s + (" (family trained on)" if s == "noise" else ""), *[f"{np.mean(gains[(s, c)]):+.2f}" if c != cols[0]
                                                                     else f"{np.mean(gains[(s, c)]):.2f}" for c in cols]] for s in SCANNERS]
     nparams = sum(q.numel() for q in net.parameters())

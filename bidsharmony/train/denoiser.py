@@ -86,19 +86,15 @@ class DenoiserConfig:
 
 
 def _save_state(folder: Path, net, opt, sched, rng, step: int, curve: list, record: dict) -> None:
-    import torch
-
     from bidsharmony.modelfolder import write_safetensors
+    from bidsharmony.train.loop import optimizer_tensors
 
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {f"net.{k}": v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
-    opt_state = opt.state_dict()
-    for pid, st in opt_state["state"].items():
-        for name, value in st.items():
-            tensors[f"opt.{pid}.{name}"] = torch.as_tensor(value).detach().cpu().contiguous()
-    write_safetensors(tensors, folder / f"{STATE}.safetensors.tmp")
+    opt_tensors, param_groups = optimizer_tensors(opt)
+    write_safetensors({**tensors, **opt_tensors}, folder / f"{STATE}.safetensors.tmp")
     os.replace(folder / f"{STATE}.safetensors.tmp", folder / f"{STATE}.safetensors")
-    meta = {"step": step, "curve": curve, "param_groups": opt_state["param_groups"], "scheduler": sched.state_dict(),
+    meta = {"step": step, "curve": curve, "param_groups": param_groups, "scheduler": sched.state_dict(),
             "rng": rng.bit_generator.state, **record}
     (folder / f"{STATE}.json.tmp").write_text(json.dumps(meta))
     os.replace(folder / f"{STATE}.json.tmp", folder / f"{STATE}.json")
@@ -107,15 +103,12 @@ def _save_state(folder: Path, net, opt, sched, rng, step: int, curve: list, reco
 def _load_state(folder: Path, net, opt, sched, rng) -> tuple[int, list]:
     from safetensors.torch import load_file
 
+    from bidsharmony.train.loop import restore_optimizer
+
     meta = json.loads((folder / f"{STATE}.json").read_text())
     tensors = load_file(str(folder / f"{STATE}.safetensors"))  # load_state_dict moves them to the network's device
     net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
-    state: dict = {}
-    for k, v in tensors.items():
-        if k.startswith("opt."):
-            _, pid, name = k.split(".", 2)
-            state.setdefault(int(pid), {})[name] = v
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    restore_optimizer(opt, tensors, meta["param_groups"])
     sched.load_state_dict(meta["scheduler"])
     rng.bit_generator.state = meta["rng"]
     return meta["step"], meta["curve"]

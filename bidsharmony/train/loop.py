@@ -115,17 +115,34 @@ def progress_line(step: int, steps: int, first: int, train_bpd: list, val_bpd: f
     return ", ".join(parts)
 
 
-def _save_state(folder: Path, flow, opt, sched, gen, step: int, history: dict, best: float, cfg: TrainConfig, data: dict) -> None:
+def optimizer_tensors(opt) -> tuple[dict, list]:
+    """An optimiser's per-parameter state as tensors for a safetensors file (``opt.<param>.<name>``),
+    and its parameter groups (JSON): a resume point without pickle."""
     import torch
 
+    state = opt.state_dict()
+    tensors = {f"opt.{pid}.{name}": torch.as_tensor(value).detach().cpu().contiguous()
+               for pid, st in state["state"].items() for name, value in st.items()}
+    return tensors, state["param_groups"]
+
+
+def restore_optimizer(opt, tensors: dict, param_groups: list) -> None:
+    """The inverse of ``optimizer_tensors`` (other keys of ``tensors`` are ignored)."""
+    state: dict = {}
+    for k, v in tensors.items():
+        if k.startswith("opt."):
+            _, pid, name = k.split(".", 2)
+            state.setdefault(int(pid), {})[name] = v
+    opt.load_state_dict({"state": state, "param_groups": param_groups})
+
+
+def _save_state(folder: Path, flow, opt, sched, gen, step: int, history: dict, best: float, cfg: TrainConfig, data: dict) -> None:
     from bidsharmony.modelfolder import write_safetensors
 
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {f"flow.{k}": v.detach().cpu().contiguous() for k, v in flow.state_dict().items()}
-    opt_state = opt.state_dict()
-    for pid, st in opt_state["state"].items():
-        for name, value in st.items():
-            tensors[f"opt.{pid}.{name}"] = torch.as_tensor(value).detach().cpu().contiguous()
+    opt_tensors, param_groups = optimizer_tensors(opt)
+    tensors.update(opt_tensors)
     tensors["rng.batches"] = gen.get_state()
     tmp = folder / "state.safetensors.tmp"
     write_safetensors(tensors, tmp)
@@ -134,7 +151,7 @@ def _save_state(folder: Path, flow, opt, sched, gen, step: int, history: dict, b
         "step": step,
         "best_val_bpd": best,
         "history": history,
-        "param_groups": opt_state["param_groups"],
+        "param_groups": param_groups,
         "scheduler": sched.state_dict(),
         "train_config": cfg.to_dict(),  # a resume needs the same options and data
         "training_data": data,
@@ -150,12 +167,7 @@ def _load_state(folder: Path, flow, opt, sched, gen):
     meta = json.loads((folder / "state.json").read_text())
     tensors = load_file(str(folder / "state.safetensors"))
     flow.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("flow.")})
-    state: dict = {}
-    for k, v in tensors.items():
-        if k.startswith("opt."):
-            _, pid, name = k.split(".", 2)
-            state.setdefault(int(pid), {})[name] = v
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    restore_optimizer(opt, tensors, meta["param_groups"])
     sched.load_state_dict(meta["scheduler"])
     gen.set_state(tensors["rng.batches"].to(torch.uint8))
     return meta["step"], meta["history"], meta["best_val_bpd"]

@@ -34,15 +34,6 @@ def parser(doc: str) -> argparse.ArgumentParser:
     return p
 
 
-def grid_landmarks(volume, affine):
-    """(landmarks, (shape, affine) of the grid) of a native volume, measured where harmonization
-    measures them: on the pipeline's canonical 1.2 mm grid. ``standardise(volume, standard,
-    source_landmarks=...)`` then maps the native voxels, as the Standardise node does."""
-    from bidsharmony.image.resample import resample_isotropic
-    from bidsharmony.image.standardise import VOXEL_MM, volume_landmarks
-
-    v12, a12 = resample_isotropic(volume, affine, float(VOXEL_MM[0]))
-    return volume_landmarks(v12), (v12.shape, a12)
 
 
 def int_list(s: str) -> list[int]:
@@ -174,3 +165,15 @@ def write_results(args, device, name: str, title: str, md_table: str, notes: lis
     ]
     mdp.write_text("\n".join(md))
     print(f"\nwrote {js} and {mdp}")
+
+
+def rewrite_model_folder(folder: Path, tensors: dict, cfg: dict, keep_card: bool) -> None:
+    """Rewrite a model folder with new tensors and config through the one model-folder writer (new
+    sha256), keeping its flow's samples and training curve (the flow is unchanged) and, with
+    ``keep_card``, a hand-written card: the writer replaces them whenever the weights change."""
+    from bidsharmony.modelfolder import CARD, DESCRIBED, write_folder
+
+    kept = {name: (folder / name).read_bytes() for name in DESCRIBED if (folder / name).is_file() and (name != CARD or keep_card)}
+    write_folder(folder, tensors, {k: v for k, v in cfg.items() if k != "weights_sha256"})
+    for name, data in kept.items():
+        (folder / name).write_bytes(data)

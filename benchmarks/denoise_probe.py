@@ -26,7 +26,7 @@ from bidsharmony.flow.checkpoint import model_detail_band, model_detail_voxel, m
 from bidsharmony.image.detail import match_detail
 from bidsharmony.image.resample import to_ants
 from bidsharmony.image.slices import head_mask
-from bidsharmony.image.standardise import standardise
+from bidsharmony.image.standardise import grid_landmarks, standardise
 from bidsharmony.simulation import simulate
 
 DATA = common.REPO.parent / "shared" / "data" / "ixi-hh"
@@ -85,7 +85,7 @@ def main() -> None:
         truth, mask, tissue = run.load_subject(DATA, sub)
         affine = nb.as_closest_canonical(nb.load(str(run.t1w_path(DATA, sub)))).affine
         src = simulate("noise", truth, tissue, nb.affines.voxel_sizes(affine), run.case_seed(0, sub, "noise"))
-        at, grid = common.grid_landmarks(src, affine)
+        at, grid = grid_landmarks(src, affine)
         std = standardise(src, landmarks, source_landmarks=at)
 
         def psnr(x, truth=truth, mask=mask):

@@ -20,10 +20,10 @@ import time
 from pathlib import Path
 
 import torch
+from common import rewrite_model_folder
 
 from bidsharmony.flow.checkpoint import model_landmarks, read_folder
 from bidsharmony.image.denoiser import PREFIX
-from bidsharmony.modelfolder import CARD, DESCRIBED, write_folder
 from bidsharmony.train import denoiser as tdn
 
 
@@ -62,15 +62,10 @@ def main() -> None:
     if len(curve) < dcfg.steps:
         print(f"stopped at step {len(curve)} of {dcfg.steps} after {time.perf_counter() - t0:.0f} s; rerun to continue")
         return
-    kept = {name: (args.model / name).read_bytes() for name in DESCRIBED if (args.model / name).is_file()
-            and (name != CARD or args.keep_card)}  # the flow's samples and curve still describe the same flow
-    cfg = {k: v for k, v in cfg.items() if k != "weights_sha256"}
     cfg["preprocessing"]["detail"]["learned_denoiser"] = tdn.model_entry(dcfg, len(subjects), len(curve))
     tensors = {k: v for k, v in tensors.items() if not k.startswith(PREFIX)} | tdn.to_tensors(net)
-    write_folder(args.model, tensors, cfg)
-    for name, data in kept.items():
-        (args.model / name).write_bytes(data)
-    print(f"written {args.model} in {time.perf_counter() - t0:.0f} s (final loss {sum(curve[-500:]) / 500:.4g})")
+    rewrite_model_folder(args.model, tensors, cfg, args.keep_card)
+    print(f"written {args.model} in {time.perf_counter() - t0:.0f} s (the last 500 steps' mean loss {sum(curve[-500:]) / len(curve[-500:]):.4g})")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
+from common import rewrite_model_folder
 
 from bidsharmony.flow.checkpoint import read_folder
 from bidsharmony.image.detail import BAND, VOXEL, at_resolution, detail_level, fit_band, ras_voxel_mm
@@ -32,7 +33,6 @@ from bidsharmony.image.detail import model_entry as detail_entry
 from bidsharmony.image.io import load_t1w
 from bidsharmony.image.resample import canonical, resample_isotropic
 from bidsharmony.image.standardise import LANDMARKS, fit_landmarks, model_entry, standardise
-from bidsharmony.modelfolder import CARD, DESCRIBED, write_folder
 
 
 def main() -> None:
@@ -73,18 +73,12 @@ def main() -> None:
     band = fit_band(detail_level(at_resolution(standardise(v, landmarks, zooms=zooms), affine, a, target), zooms)
                     for v, affine, a in volumes(with_affine=True))
     print("detail band (min, mean, max):", np.round(band, 4).tolist(), "at", np.round(target, 3).tolist(), "mm")
-    # The flow's samples and training curve still describe the same flow: they stay (and the card, if asked).
-    kept = {name: (args.model / name).read_bytes() for name in DESCRIBED if (args.model / name).is_file()
-            and (name != CARD or args.keep_card)}
-    cfg = {k: v for k, v in cfg.items() if k != "weights_sha256"}
     cfg["preprocessing"]["standardisation"] = model_entry(len(subjects))
     cfg["preprocessing"]["detail"] = detail_entry(len(subjects))
     tensors[f"extra.{LANDMARKS}"] = torch.as_tensor(landmarks, dtype=torch.float64)
     tensors[f"extra.{BAND}"] = torch.as_tensor(band, dtype=torch.float64)
     tensors[f"extra.{VOXEL}"] = torch.as_tensor(target, dtype=torch.float64)
-    write_folder(args.model, tensors, cfg)
-    for name, data in kept.items():
-        (args.model / name).write_bytes(data)
+    rewrite_model_folder(args.model, tensors, cfg, args.keep_card)
     print(f"written {args.model} in {time.perf_counter() - t0:.0f} s")
 
 

@@ -39,7 +39,7 @@ from torch import nn
 from benchmarks.quality import run, scores
 from bidsharmony.flow.checkpoint import model_landmarks, read_folder
 from bidsharmony.image.slices import head_mask
-from bidsharmony.image.standardise import standardise
+from bidsharmony.image.standardise import grid_landmarks, standardise
 from bidsharmony.simulation import simulate, smooth_field, unit
 
 DATA = common.REPO.parent / "shared" / "data" / "ixi-hh"
@@ -88,7 +88,7 @@ def training_pairs(subjects, landmarks, draws, max_amplitude, rng):
         v = unit(run.load_canonical(path))
         for _ in range(draws):
             biased = v * smooth_field(v.shape, rng, amplitude=float(rng.uniform(1.0, max_amplitude)))
-            at = common.grid_landmarks(biased, affine)[0]
+            at = grid_landmarks(biased, affine)[0]
             # both through the biased volume's map: the pair differs by the field alone
             pairs.append((standardise(biased, landmarks, source_landmarks=at) / SCALE,
                           standardise(v, landmarks, source_landmarks=at) / SCALE, head_mask(biased)))
@@ -102,7 +102,7 @@ def clean_volumes(subjects, landmarks):
         path = run.t1w_path(DATA, sub)
         affine = nb.as_closest_canonical(nb.load(str(path))).affine
         v = unit(run.load_canonical(path))
-        out.append((standardise(v, landmarks, source_landmarks=common.grid_landmarks(v, affine)[0]) / SCALE, head_mask(v)))
+        out.append((standardise(v, landmarks, source_landmarks=grid_landmarks(v, affine)[0]) / SCALE, head_mask(v)))
     return out
 
 
@@ -181,7 +181,7 @@ def main() -> None:
         affine = nb.as_closest_canonical(nb.load(str(run.t1w_path(DATA, sub)))).affine
         for scanner in SCANNERS:
             src = truth if scanner == "truth" else simulate(scanner, truth, tissue, nb.affines.voxel_sizes(affine), run.case_seed(0, sub, scanner))
-            at, _ = common.grid_landmarks(src, affine)
+            at, _ = grid_landmarks(src, affine)
             std = standardise(src, landmarks, source_landmarks=at)
 
             def psnr(x, truth=truth, mask=mask):
@@ -190,7 +190,7 @@ def main() -> None:
             base = psnr(std)
             out = corrected(net, std, head_mask(unit(src)))
             # the corrected volume through the standardisation again: the field moved its landmarks
-            restd = standardise(out, landmarks, source_landmarks=common.grid_landmarks(out, affine)[0])
+            restd = standardise(out, landmarks, source_landmarks=grid_landmarks(out, affine)[0])
             row = {"standardised (dB)": base, "field applied": psnr(out) - base, "field, then standardised again": psnr(restd) - base}
             for k, val in row.items():
                 gains.setdefault((scanner, k), []).append(val)

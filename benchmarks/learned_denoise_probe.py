@@ -37,7 +37,7 @@ from bidsharmony.flow.checkpoint import model_detail_band, model_detail_voxel, m
 from bidsharmony.image import detail
 from bidsharmony.image.denoiser import SCALE, build
 from bidsharmony.image.slices import head_mask
-from bidsharmony.image.standardise import standardise
+from bidsharmony.image.standardise import grid_landmarks, standardise
 from bidsharmony.simulation import rician, simulate, unit
 
 DATA = common.REPO.parent / "shared" / "data" / "ixi-hh"
@@ -62,7 +62,7 @@ def training_pairs(subjects, landmarks, draws, rng):
         for _ in range(draws):
             noisy = rician(v, rng, rng.uniform(0.0, 0.08) * p99)
             # both through the noisy volume's map: the network learns to denoise, not to re-standardise
-            at = common.grid_landmarks(noisy, affine)[0]
+            at = grid_landmarks(noisy, affine)[0]
             pairs.append((standardise(noisy, landmarks, source_landmarks=at) / SCALE,
                           standardise(v, landmarks, source_landmarks=at) / SCALE, head))
     return pairs
@@ -139,7 +139,7 @@ def main() -> None:
         affine = nb.as_closest_canonical(nb.load(str(run.t1w_path(DATA, sub)))).affine
         for scanner in SCANNERS:
             src = truth if scanner == "truth" else simulate(scanner, truth, tissue, nb.affines.voxel_sizes(affine), run.case_seed(0, sub, scanner))
-            at, grid = common.grid_landmarks(src, affine)
+            at, grid = grid_landmarks(src, affine)
             std = standardise(src, landmarks, source_landmarks=at)
 
             def psnr(x, truth=truth, mask=mask):

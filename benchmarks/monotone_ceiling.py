@@ -26,7 +26,7 @@ import numpy as np
 
 from benchmarks.quality import run, scores
 from bidsharmony.flow.checkpoint import model_landmarks
-from bidsharmony.image.standardise import standardise
+from bidsharmony.image.standardise import grid_landmarks, standardise
 from bidsharmony.simulation import SCANNERS, simulate
 
 DATA = common.REPO.parent / "shared" / "data" / "ixi-hh"
@@ -69,7 +69,7 @@ def main() -> None:
             src = simulate(name, truth, tissue, zooms, run.case_seed(0, sub, name))
             none = scores.score_volume(src, truth, mask)["psnr_vol"]
             best = max(min(scores.score_volume(f(src, truth, mask), truth, mask)["psnr_vol"], 99.0) for f in (quantile_map, isotonic_map))
-            std = standardise(src, landmarks, source_landmarks=common.grid_landmarks(src, affine)[0])
+            std = standardise(src, landmarks, source_landmarks=grid_landmarks(src, affine)[0])
             blind = scores.score_volume(std, truth, mask)["psnr_vol"]
             found.setdefault(name, []).append((none, best, blind))
             print(sub, name, f"untreated {none:.2f} dB, oracle map {best:.2f} dB, standardised {blind:.2f} dB", flush=True)

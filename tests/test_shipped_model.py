@@ -113,9 +113,9 @@ def test_the_shipped_denoiser_removes_added_noise_from_a_real_test_head_and_litt
     from bidsharmony.flow.checkpoint import model_denoiser, model_landmarks
     from bidsharmony.image.denoiser import denoise
     from bidsharmony.image.io import load_t1w
-    from bidsharmony.image.resample import canonical, resample_isotropic
+    from bidsharmony.image.resample import canonical
     from bidsharmony.image.slices import head_mask
-    from bidsharmony.image.standardise import standardise, volume_landmarks
+    from bidsharmony.image.standardise import grid_landmarks, standardise
     from bidsharmony.simulation import rician, unit
 
     net = model_denoiser(default_model())
@@ -127,7 +127,7 @@ def test_the_shipped_denoiser_removes_added_noise_from_a_real_test_head_and_litt
     noisy = rician(v, np.random.default_rng(0), 0.04 * float(np.percentile(v[head], 99)))
 
     def on_its_map(x):  # the clean image through the same map, so that only the noise differs
-        at = volume_landmarks(resample_isotropic(x, affine, 1.2)[0])
+        at = grid_landmarks(x, affine)[0]
         return standardise(x, landmarks, source_landmarks=at), standardise(v, landmarks, source_landmarks=at)
 
     def rms(a, b):

@@ -205,8 +205,8 @@ def _denoise_here(folder) -> None:
     np.save(Path(folder) / "out.npy", out.astype(np.float32) + v.min())
 
 
-def _learned_change(denoiser, v: np.ndarray, affine: np.ndarray, target_mm, rec: dict) -> np.ndarray:
-    """The learned denoiser's change to ``v``, computed at the voxel size it was trained at (the
+def _learned_change(denoiser, v: np.ndarray, affine: np.ndarray, target_mm) -> tuple[np.ndarray, str]:
+    """(the learned denoiser's change to ``v``, the grid it was computed on), computed at the voxel size it was trained at (the
     target's acquired ``target_mm``) where the scan is finer: noise of a finer grid has another
     texture, and a quarter of the voxels costs a quarter of the time; the change is brought back
     to the native grid (it then holds no detail finer than the target's)."""
@@ -214,8 +214,7 @@ def _learned_change(denoiser, v: np.ndarray, affine: np.ndarray, target_mm, rec:
 
     voxel = voxel_sizes(affine)
     if target_mm is None or np.prod(voxel) >= 0.8 * np.prod(target_mm):
-        rec["DenoisedOn"] = "native grid"
-        return learned(denoiser, v, affine) - v
+        return learned(denoiser, v, affine) - v, "native grid"
     import nibabel as nb
 
     axes = nb.orientations.io_orientation(affine)[:, 0].astype(int)  # the RAS axis of each array axis
@@ -223,8 +222,8 @@ def _learned_change(denoiser, v: np.ndarray, affine: np.ndarray, target_mm, rec:
     # Linear zoom over the whole extent (grid_mode) and back: every native voxel gets a change.
     coarse = ndimage.zoom(v, factors, order=1, mode="nearest", grid_mode=True)
     change = learned(denoiser, coarse, affine) - coarse  # the affine's directions are the coarse grid's
-    rec["DenoisedOn"] = "target voxel size"
-    return ndimage.zoom(change, np.divide(v.shape, change.shape), order=1, mode="nearest", grid_mode=True).astype(np.float32)
+    back = ndimage.zoom(change, np.divide(v.shape, change.shape), order=1, mode="nearest", grid_mode=True)
+    return back.astype(np.float32), "target voxel size"
 
 
 def match_detail(volume: np.ndarray, affine: np.ndarray, band, grid: tuple[tuple[int, ...], np.ndarray],
@@ -269,8 +268,9 @@ def match_detail(volume: np.ndarray, affine: np.ndarray, band, grid: tuple[tuple
     voxel = voxel_sizes(affine)
     if level > hi and denoiser is not None:
         w = _strength(level, lo, hi)
-        out = v + w * _learned_change(denoiser, v, affine, target_mm, rec)
-        rec.update(Action="denoise", Denoiser="learned", Weight=float(w), LevelReached=level_on_grid(on_grid(out)))
+        change, where = _learned_change(denoiser, v, affine, target_mm)
+        out = v + w * change
+        rec.update(Action="denoise", Denoiser="learned", DenoisedOn=where, Weight=float(w), LevelReached=level_on_grid(on_grid(out)))
         return out.astype(np.float32), rec
     if level > hi:
         rising, top, rec["Action"], rec["Denoiser"] = False, 1.0, "denoise", "non-local means"

@@ -94,6 +94,16 @@ def _increasing(x: np.ndarray) -> np.ndarray:
     return x
 
 
+def grid_landmarks(volume: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, tuple]:
+    """(landmarks, (shape, affine) of the grid) of a native volume, measured where harmonization
+    measures them: on the pipeline's canonical ``VOXEL_MM`` grid. ``standardise(volume, standard,
+    source_landmarks=...)`` then maps the native voxels, as the Standardise node does."""
+    from bidsharmony.image.resample import resample_isotropic
+
+    grid, grid_affine = resample_isotropic(volume, affine, float(VOXEL_MM[0]))
+    return volume_landmarks(grid), (grid.shape, grid_affine)
+
+
 def standardise(volume: np.ndarray, landmarks: np.ndarray, percentiles=PERCENTILES,
                 source_landmarks: np.ndarray | None = None, zooms=VOXEL_MM) -> np.ndarray:
     """Map a volume's intensities onto the standard scale of ``landmarks`` (from ``fit_landmarks``).

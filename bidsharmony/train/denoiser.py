@@ -30,9 +30,8 @@ def training_pairs(volumes: Iterable[tuple[np.ndarray, np.ndarray]], landmarks: 
                    rng: np.random.Generator, max_sigma: float = MAX_SIGMA) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """[(noisy, clean, head)] on the network's scale (standard scale / SCALE), from (volume, affine)."""
     from bidsharmony.image.denoiser import SCALE
-    from bidsharmony.image.resample import resample_isotropic
     from bidsharmony.image.slices import head_mask
-    from bidsharmony.image.standardise import standardise, volume_landmarks
+    from bidsharmony.image.standardise import grid_landmarks, standardise
     from bidsharmony.simulation import rician, unit
 
     pairs = []
@@ -42,7 +41,7 @@ def training_pairs(volumes: Iterable[tuple[np.ndarray, np.ndarray]], landmarks: 
         p99 = float(np.percentile(v[head], 99))
         for _ in range(draws):
             noisy = rician(v, rng, rng.uniform(0.0, max_sigma) * p99)
-            at = volume_landmarks(resample_isotropic(noisy, affine, 1.2)[0])
+            at = grid_landmarks(noisy, affine)[0]
             pairs.append((standardise(noisy, landmarks, source_landmarks=at) / SCALE,
                           standardise(v, landmarks, source_landmarks=at) / SCALE, head))
     return pairs

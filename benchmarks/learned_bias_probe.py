@@ -106,15 +106,19 @@ def clean_volumes(subjects, landmarks):
     return out
 
 
-def fresh_batch(clean, size, max_amplitude, rng):
+def fresh_batch(clean, size, max_amplitude, rng, identity_share: float = 0.0):
     """``size`` volumes, each times a new random field and mirrored left-right with probability ½:
-    (biased, clean, head) tensors. The field multiplies the standardised volume (no second map)."""
+    (biased, clean, head) tensors. The field multiplies the standardised volume (no second map).
+    With probability ``identity_share`` a volume gets no field: the network must then answer 0."""
     xs, ys, ms = [], [], []
     for i in rng.integers(len(clean), size=size):
         y, head = clean[i]
         if rng.random() < 0.5:
             y, head = y[::-1], head[::-1]
-        xs.append(y * smooth_field(y.shape, rng, amplitude=float(rng.uniform(1.0, max_amplitude))))
+        if identity_share and rng.random() < identity_share:
+            xs.append(y)
+        else:
+            xs.append(y * smooth_field(y.shape, rng, amplitude=float(rng.uniform(1.0, max_amplitude))))
         ys.append(y)
         ms.append(head)
     return tuple(torch.from_numpy(np.ascontiguousarray(np.stack(a)[:, None], dtype=np.float32)) for a in (xs, ys, ms))
@@ -134,6 +138,8 @@ def main() -> None:
     p.add_argument("--fields", choices=("fresh", "fixed"), default="fresh",
                    help="fresh: a new field every step on each clean volume (the default); fixed: --draws fields per volume, "
                         "each through its own standardisation (the first run: the network memorised its 40 subjects)")
+    p.add_argument("--identity-share", type=float, default=0.0,
+                   help="fresh fields: the share of training volumes given no field at all (the network must leave them alone)")
     p.add_argument("--save", type=Path, default=None, help="write the trained network's weights here (safetensors)")
     args = p.parse_args()
     common.setup(args)
@@ -158,7 +164,7 @@ def main() -> None:
             picks = [pairs[i] for i in rng.integers(len(pairs), size=args.batch)]
             x, y, m = (torch.from_numpy(np.stack([q[k] for q in picks])[:, None].astype(np.float32)) for k in range(3))
         else:
-            x, y, m = fresh_batch(pairs, args.batch, args.max_amplitude, rng)
+            x, y, m = fresh_batch(pairs, args.batch, args.max_amplitude, rng, args.identity_share)
         loss = ((x * torch.exp(net(x, m)) - y) ** 2 * m).sum() / m.sum()
         opt.zero_grad()
         loss.backward()
@@ -201,7 +207,7 @@ def main() -> None:
     nparams = sum(q.numel() for q in net.parameters())
     recipe = (f"{args.draws} biased copies (smooth fields, amplitude ~ U(1, {args.max_amplitude})); L2 in the head to the clean "
               "volume put through the biased one's standardisation" if args.fields == "fixed" else
-              f"a new smooth field each step (amplitude ~ U(1, {args.max_amplitude})) on the standardised clean volume, mirrored "
+              f"a new smooth field each step (amplitude ~ U(1, {args.max_amplitude}); none for a share {args.identity_share:g}) on the standardised clean volume, mirrored "
               "left-right half the time; L2 in the head to the clean volume")
     common.write_results(
         args, "cpu", args.name, "Probe: a smooth field learned from the target's own images, on the bias scanner",

@@ -19,9 +19,9 @@ import nibabel as nb
 import numpy as np
 
 from benchmarks.quality import run, scores
-from bidsharmony.flow.checkpoint import model_denoiser, model_detail_band, model_landmarks, read_folder
+from bidsharmony.flow.checkpoint import model_denoiser, model_detail_band, model_detail_voxel, model_landmarks, read_folder
 from bidsharmony.image.denoiser import denoise
-from bidsharmony.image.detail import _strength, detail_level
+from bidsharmony.image.detail import match_detail
 from bidsharmony.image.resample import resample_isotropic
 from bidsharmony.image.standardise import grid_landmarks, standardise
 from bidsharmony.simulation import SCANNERS, simulate
@@ -40,7 +40,7 @@ def main() -> None:
     t0 = time.perf_counter()
     read = read_folder(MODEL)
     landmarks, _ = model_landmarks(MODEL, read)
-    net, band = model_denoiser(MODEL, read), model_detail_band(MODEL, read)
+    net, band, voxel = model_denoiser(MODEL, read), model_detail_band(MODEL, read), model_detail_voxel(MODEL, read)
     held = ["sub-" + s for s in read[0]["training_data"]["subjects_validation"][: 1 if args.quick else args.eval_subjects]]
     scanners = ["truth", *(["noise", "contrast"] if args.quick else SCANNERS)]
     res: dict[tuple[str, str], list] = {}
@@ -48,13 +48,13 @@ def main() -> None:
         truth, mask, tissue = run.load_subject(DATA, sub)
         affine = nb.as_closest_canonical(nb.load(str(run.t1w_path(DATA, sub)))).affine
         truth_seg = scores.segment(truth, mask)
+        grid = resample_isotropic(truth, affine, 1.2)  # the harmonization grid the level is measured on
         for scanner in scanners:
             src = truth if scanner == "truth" else simulate(scanner, truth, tissue, nb.affines.voxel_sizes(affine), run.case_seed(0, sub, scanner))
             std = standardise(src, landmarks, source_landmarks=grid_landmarks(src, affine)[0])
-            level = detail_level(resample_isotropic(std, affine, 1.2)[0], (1.2,) * 3)
-            gate = _strength(level, band[0], band[2]) if level > band[2] else 0.0
+            _, rec = match_detail(std, affine, band, (grid[0].shape, grid[1]), voxel, net)  # the stage itself: its level and weight
             change = denoise(net, std, affine) - std
-            row = {"level": level, "gate weight": gate}
+            row = {"level": rec["Level"], "gate weight": rec["Weight"] if rec.get("Denoiser") == "learned" else 0.0}
             for w in WEIGHTS:
                 out = std + w * change
                 row[f"PSNR w={w:g}"] = scores.volume_scores(out, truth, mask)["psnr_vol"]

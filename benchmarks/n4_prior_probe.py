@@ -139,7 +139,7 @@ def main() -> None:
     for sub in held:
         truth, mask, tissue = run.load_subject(DATA, sub)
         affine = nb.as_closest_canonical(nb.load(str(run.t1w_path(DATA, sub)))).affine
-        grid = resample_isotropic(truth, affine, 1.2)
+        grid = resample_isotropic(truth, affine, 1.2)  # the grid the detail stage measures its level on
         for scanner in SCANNERS:
             src = truth if scanner == "truth" else simulate(scanner, truth, tissue, nb.affines.voxel_sizes(affine), run.case_seed(0, sub, scanner))
             std = standardise(src, landmarks, source_landmarks=grid_landmarks(src, affine)[0])
@@ -150,28 +150,25 @@ def main() -> None:
             def again(x, affine=affine):
                 return standardise(x, landmarks, source_landmarks=grid_landmarks(x, affine)[0])
 
-            def shrunk(x, affine=affine):
+            def fixed(x, affine=affine, smooth=False):
+                """(x corrected by its N4 field shrunk towards m, w, head, g); N4 on a smoothed copy if asked."""
                 head = head_mask(x)
-                g = n4_log_field(x, affine, head)
-                d2 = float(np.mean((to_grid(g, head) - m) ** 2))
-                w = max(0.0, 1.0 - var0 / d2)
-                return np.where(head, x * np.exp(w * (from_grid(m, head) - g)), x).astype(np.float32), w
+                g = n4_log_field(ndimage.gaussian_filter(x, 1.0) if smooth else x, affine, head)
+                w = max(0.0, 1.0 - var0 / float(np.mean((to_grid(g, head) - m) ** 2)))
+                return np.where(head, x * np.exp(w * (from_grid(m, head) - g)), x).astype(np.float32), w, head, g
 
             base = psnr(std)
-            fixed, w = shrunk(std)
-            values = [base, psnr(again(std)) - base, psnr(fixed) - base, psnr(again(fixed)) - base, w]
+            out, w, head, g = fixed(std)
+            values = [base, psnr(again(std)) - base, psnr(out) - base, psnr(again(out)) - base, w]
             if args.gates:
-                head = head_mask(std)
-                gs = n4_log_field(ndimage.gaussian_filter(std, 1.0), affine, head)
-                ws = max(0.0, 1.0 - var0 / float(np.mean((to_grid(gs, head) - m) ** 2)))
-                smooth = again(np.where(head, std * np.exp(ws * (from_grid(m, head) - gs)), std).astype(np.float32))
-                dep = low_order(to_grid(n4_log_field(std, affine, head), head) - m)
+                smooth, ws, _, _ = fixed(std, smooth=True)
+                dep = low_order(to_grid(g, head) - m)  # the same N4 field, its low-order part only
                 wl = max(0.0, 1.0 - var0_low / float(np.mean(dep**2)))
                 lowfix = again(np.where(head, std * np.exp(-wl * from_grid(dep, head)), std).astype(np.float32))
-                values += [psnr(smooth) - base, ws, psnr(lowfix) - base, wl]
+                values += [psnr(again(smooth)) - base, ws, psnr(lowfix) - base, wl]
             else:
                 detailed, _ = match_detail(std, affine, band, (grid[0].shape, grid[1]), voxel, net)
-                both, w2 = shrunk(detailed)
+                both, w2, _, _ = fixed(detailed)
                 values += [psnr(detailed), psnr(both) - psnr(detailed), w2]
             row = dict(zip(cols, values, strict=True))
             for k, val in row.items():

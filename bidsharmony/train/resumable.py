@@ -1,6 +1,6 @@
-"""A resumable training loop for the pipeline's helper networks (the learned denoiser, the learned field).
+"""A resumable training loop for the pipeline's helper networks (today the learned denoiser).
 
-The flow has its own loop (``bidsharmony.train.loop``); these networks share this one: Adam under a
+The flow has its own loop (``bidsharmony.train.loop``); helper networks share this one: Adam under a
 one-cycle schedule, a batch drawn from a seeded numpy generator each step, and the whole state
 (weights, Adam, schedule, the generator) saved every ``checkpoint_every`` steps, so that an
 interrupted run continues to the same network as one uninterrupted run, bit for bit.
@@ -106,10 +106,11 @@ def fit(build, draw, loss_of, cfg, state_dir=None, name: str = "state", *, data:
     return net.cpu().eval(), curve
 
 
-def within_memory(files: list, copies: int, seed: int, budget: float, what: str) -> list:
+def within_memory(files: list, copies: int, seed: int, budget: float, what: str, bytes_per_voxel: int = 9) -> list:
     """``files``, or a seeded subset of them whose training data (``copies`` volumes of each file's
     size) hold at most ``budget`` voxels: all of it stays in memory, and 150 volumes at 1 mm, three
-    copies each, would need 90 GB."""
+    copies each, would need 90 GB. ``bytes_per_voxel`` (for the log): 9 for the denoiser's pairs
+    (two float32 volumes and a mask)."""
     import nibabel as nb
 
     sizes = [int(np.prod(nb.load(f).shape[:3])) * copies for f in files]
@@ -120,7 +121,7 @@ def within_memory(files: list, copies: int, seed: int, budget: float, what: str)
     if not kept:
         kept = [int(order[0])]
     LOG.warning("the %s trains on %d of %d volumes (chosen with the seed): all of them would need %.0f GB",
-                what, len(kept), len(files), sum(sizes) * 9 / 1e9)
+                what, len(kept), len(files), sum(sizes) * bytes_per_voxel / 1e9)
     return [files[i] for i in kept]
 
 

@@ -1,13 +1,16 @@
-"""Bias-field stage (``bidsharmony.image.field``) on held-out heads: N4 shrunk towards the target's typical field, kept as far as the white matter's field agrees.
+"""Bias-field stage (``bidsharmony.image.field``) on held-out heads: N4 shrunk towards the target's typical field, gated by the detail stage.
 
-The target's typical fields are fitted on ``--train-subjects`` IXI-HH TRAIN volumes (the held-out heads
-excluded), standardised with the shipped model's landmarks. Each held-out head (the shipped model's
-validation subjects, used by none of its trainings) goes through the benchmark's simulated scanners;
-the standardised volume is corrected, standardised again with landmarks measured on the first
-standardisation's region, and scored by volume PSNR in the brain against the truth: the gain over the
-standardised volume, and, after the pipeline's detail stage (learned denoiser behind its gate), the
-gain over the detail stage alone. Columns w (N4 shrinkage), t (share kept by the white-matter check)
-and the final weight w·t say what the stage decided.
+The target's typical field is fitted on ``--train-subjects`` IXI-HH TRAIN volumes (the model's
+validation subjects excluded), standardised with the shipped model's landmarks. Each held-out head (the
+shipped model's validation subjects, used by none of its trainings) goes through the benchmark's
+simulated scanners and is scored by volume PSNR in the brain against the truth:
+
+* ``field``: the stage on every volume (``field.undo``: N4's departure from the typical field, shrunk
+  by w = 1 − σ₀²/d², undone on the source's own intensities, then standardised afresh on the first
+  standardisation's grid and region), as a gain over the standardised volume;
+* the pipeline's order: the detail stage (learned denoiser behind its gate, or sharpening), then the
+  field only where the detail stage left the volume alone (its level in the target's band), as a gain
+  over the detail stage alone.
 
     python benchmarks/field_probe.py [--train-subjects 30] [--eval-subjects 4] [--cache DIR]
 """
@@ -26,8 +29,8 @@ from benchmarks.quality import run, scores
 from bidsharmony.flow.checkpoint import model_denoiser, model_detail_band, model_detail_voxel, model_landmarks, read_folder
 from bidsharmony.image import field
 from bidsharmony.image.detail import match_detail
-from bidsharmony.image.resample import resample_isotropic, resample_onto
-from bidsharmony.image.standardise import grid_landmarks, landmark_region, standardise, volume_landmarks
+from bidsharmony.image.resample import resample_isotropic
+from bidsharmony.image.standardise import PERCENTILES, grid_landmarks, landmark_region, standardise, volume_landmarks
 from bidsharmony.simulation import SCANNERS as KNOWN
 from bidsharmony.simulation import simulate
 
@@ -41,7 +44,7 @@ def typical(subjects, landmarks, cache: Path | None) -> field.TypicalField:
     if path is not None and path.is_file():
         z = np.load(path)
         if list(z["subjects"]) == list(subjects):
-            return field.TypicalField(z["n4_mean"], float(z["n4_var"]), z["wm_mean"], z["wm_keep"], len(subjects))
+            return field.TypicalField(z["n4_mean"], float(z["n4_var"]), len(subjects))
 
     def volumes():
         for sub in subjects:
@@ -54,7 +57,7 @@ def typical(subjects, landmarks, cache: Path | None) -> field.TypicalField:
     t = field.fit_typical(volumes())
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(path, n4_mean=t.n4_mean, n4_var=t.n4_var, wm_mean=t.wm_mean, wm_keep=t.wm_keep, subjects=np.array(subjects))
+        np.savez(path, n4_mean=t.n4_mean, n4_var=t.n4_var, subjects=np.array(subjects))
     return t
 
 
@@ -64,7 +67,6 @@ def main() -> None:
     p.add_argument("--eval-subjects", type=int, default=4, help="the model's first N validation subjects, scored")
     p.add_argument("--scanners", default=",".join(SCANNERS))
     p.add_argument("--cache", type=Path, default=None, help="keep the typical fields here (N4 takes ~17 s a volume)")
-    p.add_argument("--no-detail", action="store_true", help="skip the detail-stage columns")
     p.add_argument("--name", default="field_probe")
     args = p.parse_args()
     common.setup(args)
@@ -84,9 +86,7 @@ def main() -> None:
     train = [s for s in sorted(json.loads((DATA / "splits.json").read_text())["train"]) if s not in validation][: args.train_subjects]
     typ = typical(train, landmarks, args.cache)
     t_train = time.perf_counter() - t0
-    cols = ["standardised (dB)", "+ field", "w", "t", "w·t", "seconds"]
-    if not args.no_detail:
-        cols += ["detail stage alone (dB)", "field, then detail stage"]
+    cols = ["standardised (dB)", "+ field", "w", "seconds", "detail stage alone (dB)", "detail action", "pipeline: + field where in band"]
     results: dict[tuple[str, str], list] = {}
     for sub in held:
         truth, mask, tissue = run.load_subject(DATA, sub)
@@ -95,38 +95,40 @@ def main() -> None:
             src = truth if scanner == "truth" else simulate(scanner, truth, tissue, nb.affines.voxel_sizes(affine),
                                                             run.case_seed(0, sub, scanner))
             grid_src, gaff = resample_isotropic(src, affine, 1.2)  # the pipeline's grid: landmarks are measured there
-            gshape, first = grid_src.shape, landmark_region(grid_src)
+            grid = (grid_src.shape, gaff)
             std = standardise(src, landmarks, source_landmarks=volume_landmarks(grid_src))
             t1 = time.perf_counter()
-            corrected, rec = field.correct(std, affine, typ)
+            fixed, rec = field.undo(src, affine, std, typ, landmarks, PERCENTILES, grid, landmark_region(grid_src))
             seconds = time.perf_counter() - t1
-            if rec["Weight"] > 0:
-                lm2 = volume_landmarks(resample_onto(corrected, affine, gshape, gaff), region=lambda v, z, first=first: first)
-                corrected = standardise(corrected, landmarks, source_landmarks=lm2)
 
             def psnr(x, truth=truth, mask=mask):
                 return min(scores.volume_scores(x, truth, mask)["psnr_vol"], 99.0)
 
             base = psnr(std)
-            values = [base, psnr(corrected) - base, rec["Shrinkage"], rec["Kept"], rec["Weight"], seconds]
-            if not args.no_detail:
-                grid = (gshape, gaff)
-                alone = psnr(match_detail(std, affine, band, grid, voxel, net)[0])
-                both = psnr(match_detail(corrected, affine, band, grid, voxel, net)[0]) if rec["Weight"] > 0 else alone
-                values += [alone, both - alone]
+            detailed, detail = match_detail(std, affine, band, grid, voxel, net)
+            alone = psnr(detailed)
+            piped = psnr(fixed) - alone if detail["Action"] == "none" else 0.0
+            values = [base, psnr(fixed) - base, rec["Weight"], seconds, alone, detail["Action"], piped]
             row = dict(zip(cols, values, strict=True))
             for k, val in row.items():
                 results.setdefault((scanner, k), []).append(val)
-            print(sub, scanner, "; ".join(f"{k} {val:+.3f}" for k, val in row.items()), flush=True)
-    plain = {"standardised (dB)", "detail stage alone (dB)", "w", "t", "w·t", "seconds"}
-    rows = [[s + (" (a field)" if s == "bias" else ""),
-             *[f"{np.mean(results[(s, c)]):.2f}" if c in plain else f"{np.mean(results[(s, c)]):+.2f}" for c in cols]] for s in scanners]
+            print(sub, scanner, "; ".join(f"{k} {val}" for k, val in row.items()), flush=True)
+    plain = {"standardised (dB)", "detail stage alone (dB)", "w", "seconds"}
+
+    def cell(s, c):
+        v = results[(s, c)]
+        if c == "detail action":
+            return ", ".join(sorted(set(v)))
+        return f"{np.mean(v):.2f}" if c in plain else f"{np.mean(v):+.2f}"
+
+    rows = [[s + (" (a field)" if s == "bias" else ""), *[cell(s, c) for c in cols]] for s in scanners]
     common.write_results(
         args, "cpu", args.name, "Probe: the bias-field stage (N4 shrunk towards the typical field, checked on white matter), held-out heads",
         common.table(["scanner", *cols], rows),
         [f"Held-out heads: {', '.join(held)} (the shipped model's validation subjects, TRAIN split, used by none of its trainings). "
-         "Gains in volume PSNR (dB) in the brain: '+ field' over the standardised volume (the corrected volume standardised "
-         "again on the first standardisation's region), the last column over the detail stage alone. Means over the heads.",
+         "Gains in volume PSNR (dB) in the brain: '+ field' over the standardised volume (the stage on every volume), the last "
+         "column over the detail stage alone (the pipeline: the field only where the detail stage did nothing, else +0). "
+         "Means over the heads; w: the shrinkage weight.",
          f"Typical fields from {len(train)} IXI-HH TRAIN volumes (validation subjects excluded): N4 variance σ₀² = {typ.n4_var:.5f}; "
          f"{t_train:.0f} s (or read from --cache).",
          f"Whole run {time.perf_counter() - t0:.0f} s."],

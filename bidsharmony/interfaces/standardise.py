@@ -55,11 +55,15 @@ class Standardise(SimpleInterface):
         standardised = std.standardise(volume, standard, percentiles, source_landmarks=source)
         record = std.record(source, standard, percentiles)
         native = None
-        if isdefined(self.inputs.field_model):
-            zooms = img.header.get_zooms()[:3]
-            standardised, native, record["Field"] = self._undo_field(volume, zooms, standardised, img.affine, record)
         if isdefined(self.inputs.band):
-            standardised, native, record["Detail"] = self._match_detail(standardised, img.affine, record, native)
+            standardised, native, record["Detail"] = self._match_detail(standardised, img.affine, record)
+        if isdefined(self.inputs.field_model):
+            if native is not None and record["Detail"]["Action"] != "none":
+                # Noise, blur and tissue contrast mislead N4, and each moves the detail level out of the band.
+                record["Field"] = {"Method": "n4-typical", "Weight": 0.0, "Skipped": "the detail stage changed the volume"}
+            else:
+                zooms = img.header.get_zooms()[:3]
+                standardised, native, record["Field"] = self._undo_field(volume, zooms, standardised, img.affine, record)
         if native is not None:
             self._write_native(native, runtime)
         out = nb.Nifti1Image(standardised, img.affine)
@@ -71,58 +75,50 @@ class Standardise(SimpleInterface):
             json.dump(record, f)
         return runtime
 
-    def _native(self, record):
-        """(the original T1w's image, its native voxels through the standardisation's map)."""
+    def _source(self):
+        """(the original T1w's image, its native voxels)."""
         from bidsharmony.image.io import load_t1w
-        from bidsharmony.image.standardise import apply_record
 
         if not self.inputs.source:
             raise ValueError("Standardise: the field and detail stages need the original T1w as source")
-        orig, data = load_t1w(self.inputs.source)
-        return orig, apply_record(data, record)
+        return load_t1w(self.inputs.source)
 
     def _undo_field(self, volume, zooms, standardised, affine, record):
-        """The foreign part of the native voxels' field undone, then standardised again with landmarks
-        measured on this grid's first landmark region (``image.field``): returns (this grid's volume, the
-        native volume, the field's record with the landmarks after it)."""
+        """The foreign part of the native voxels' field undone (``image.field.undo``), their landmarks measured
+        again on this grid's first landmark region: returns (this grid's volume, the native volume, the
+        field's record)."""
         import numpy as np
 
         from bidsharmony.errors import ImageError
         from bidsharmony.flow.checkpoint import model_field
-        from bidsharmony.image import standardise as std
-        from bidsharmony.image.field import correct
+        from bidsharmony.image import field
         from bidsharmony.image.resample import resample_onto
+        from bidsharmony.image.standardise import apply_record, landmark_region
 
-        orig, native = self._native(record)
+        orig, data = self._source()
         try:
-            corrected, rec = correct(native, orig.affine, model_field(self.inputs.field_model))
+            native, rec = field.undo(data, orig.affine, apply_record(data, record), model_field(self.inputs.field_model),
+                                     np.asarray(self.inputs.standard, np.float64), list(self.inputs.percentiles),
+                                     (volume.shape, affine), landmark_region(volume, zooms))
         except ValueError as e:
             raise ImageError(f"{self.inputs.source}: cannot estimate its bias field ({e})") from None
         if rec["Weight"] == 0:
             return standardised, native, rec
-        first = std.landmark_region(volume, zooms)  # where the first landmarks were measured
-        again = std.volume_landmarks(resample_onto(corrected, orig.affine, volume.shape, affine), region=lambda v, z: first)
-        native = std.standardise(corrected, np.asarray(self.inputs.standard, np.float64), list(self.inputs.percentiles),
-                                 source_landmarks=again)
-        rec["LandmarksAfter"] = [float(x) for x in again]
         return resample_onto(native, orig.affine, volume.shape, affine).astype(np.float32), native, rec
 
-    def _match_detail(self, standardised, affine, record, native=None):
-        """Match the native voxels' detail level (standardised with the same map, unless ``native``
-        already holds them) on this grid; returns (this grid's volume: unchanged where neither the
-        field nor the level changed it, else the native volume resampled here; the native volume;
-        the matching's record)."""
+    def _match_detail(self, standardised, affine, record):
+        """Match the native voxels' detail level (standardised with the same map) on this grid; returns
+        (this grid's volume: unchanged where the level was in the band, else the matched native volume
+        resampled here; the native volume; the matching's record)."""
         import numpy as np
 
         from bidsharmony.errors import ImageError
         from bidsharmony.image.detail import match_detail
-        from bidsharmony.image.io import load_t1w
         from bidsharmony.image.resample import resample_onto
+        from bidsharmony.image.standardise import apply_record
 
-        if native is None:
-            orig, native = self._native(record)
-        else:
-            orig = load_t1w(self.inputs.source)[0]
+        orig, data = self._source()
+        native = apply_record(data, record)
         try:
             target = self.inputs.target_voxel if isdefined(self.inputs.target_voxel) else None
             denoiser = None

@@ -245,15 +245,18 @@ def _standardisation_text(meta: dict) -> str:
 def _field_text(field) -> str:
     if not isinstance(field, dict):
         return ""
-    text = ("Its smooth intensity (bias) field was then compared with the target scanner's: N4 {n4} estimated the field, whose "
-            "departure from the mean N4 field of the target's training images (on a coarse grid over the head) was shrunk by "
-            f"the weight 1 − σ₀²/d² {{efronmorris}} (d²: the departure's mean square; σ₀²: the training images' own; the weight "
-            f"was {float(field.get('Shrinkage', 0)):.2f})")
+    if field.get("Skipped"):
+        return ("Its smooth intensity (bias) field was left as acquired: the field is estimated only where the detail stage "
+                "leaves an image alone, as noise, blur and tissue-contrast changes mislead the estimate. ")
+    text = ("Its smooth intensity (bias) field was then compared with the target scanner's: N4 {n4} estimated the field, and "
+            "its departure from the mean N4 field of the target's training images (on a coarse grid over the head) was "
+            "weighted by 1 − σ₀²/d² {efronmorris} (d²: the departure's mean square; σ₀²: the training images' own), here "
+            f"{float(field.get('Weight', 0)):.2f}")
     if not float(field.get("Weight", 0)):
         return text + ", so the field was left as acquired. "
-    return (text + ", and kept as far as it brought the field read off the white matter towards the target's "
-            f"({float(field.get('Kept', 0)):.2f} of it); the image was multiplied by the remaining correction "
-            f"(weight {float(field.get('Weight', 0)):.2f}) and standardised again on the same region. ")
+    lo, hi = (float(x) for x in field.get("CorrectionRange") or [1, 1])
+    return (text + f"; the acquired image was multiplied by the weighted correction (factors {lo:.3f}–{hi:.3f}, 1st–99th "
+            "percentile in the head) and standardised again, its landmarks measured on the same region. ")
 
 
 def _detail_text(detail) -> str:

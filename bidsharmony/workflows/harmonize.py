@@ -139,19 +139,20 @@ def resolve_denoiser(requested: str, detail: str, config: dict, model) -> str:
     return "non-local-means" if requested == "non-local-means" or not has_denoiser(config) else "learned"
 
 
-def resolve_field(requested: str, standardise: str, config: dict, model) -> str:
+def resolve_field(requested: str, detail: str, config: dict, model) -> str:
     """``n4-typical`` or ``none``: ``auto`` undoes the foreign field where the model holds the
-    target's typical field and the volume is standardised (the field's weights were measured on the
-    standard scale); ``n4-typical`` otherwise is refused."""
+    target's typical field and the detail stage runs (its level gates the field: N4 is trusted only
+    on volumes the detail stage leaves alone, ``image.field``); ``n4-typical`` otherwise is refused."""
     from bidsharmony.errors import ModelError
     from bidsharmony.flow.checkpoint import has_field
 
     if requested == "none":
         return "none"
-    if standardise != "landmarks" or not has_field(config):
+    if detail != "match" or not has_field(config):
         if requested == "n4-typical":
-            why = "needs the standardisation" if standardise != "landmarks" else "the model holds no typical field"
-            raise ModelError(f"{model}: --field n4-typical {why}; refit it (benchmarks/fit_field.py) or pass --field none")
+            why = ("needs the detail stage (its level decides where N4 can be trusted); drop --detail none" if detail != "match"
+                   else "the model holds no typical field; refit it (benchmarks/fit_field.py)")
+            raise ModelError(f"{model}: --field n4-typical {why}, or pass --field none")
         return "none"
     return "n4-typical"
 
@@ -216,7 +217,7 @@ def init_harmonize_wf(
             raise ModelError(f"{model}: the model has no intensity landmarks in its weights; retrain it or pass --standardise none")
     params.detail, band, detail_voxel = resolve_detail(params.detail, params.standardise, model, read)
     params.denoiser = resolve_denoiser(params.denoiser, params.detail, config, model)
-    params.field = resolve_field(params.field, params.standardise, config, model)
+    params.field = resolve_field(params.field, params.detail, config, model)
     params = params.to_dict()
     wf = pe.Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(fields=["t1w"]), name="inputnode")

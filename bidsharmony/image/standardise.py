@@ -7,8 +7,8 @@ Imaging* 19:143) standardise an MR intensity scale with a piecewise-linear map b
 Landmarks of a volume v: λ_0 = min(v) (the background) and λ_k = the P_k-th percentile of v in a
 landmark region, k = 1..K. The region stands in for the brain without a brain mask
 (``landmark_region``): the head of ``slices.solid_head_mask`` (the pipeline's own rule, without
-isolated voxels of background noise), closed and filled slice by slice, then its part deeper than DEPTH_MM below the head's surface and within
-TOP_MM of its top. Mostly brain whatever the sequence, field of view or defacing, which the whole
+isolated voxels of background noise), closed and filled slice by slice, then its part deeper than
+DEPTH_MM below the head's surface and within TOP_MM of its top. Mostly brain whatever the sequence, field of view or defacing, which the whole
 head is not: its non-brain majority (scalp, fat, muscle, face, neck) sits elsewhere in the
 histogram, relative to the brain, on other sequences and fields of view.
 
@@ -51,10 +51,10 @@ _IN_PLANE[:, :, 1] = ndimage.generate_binary_structure(2, 1)
 def landmark_region(volume: np.ndarray, zooms=VOXEL_MM) -> np.ndarray:
     """A blind stand-in for the brain in a canonical (RAS: the last axis points up) volume.
 
-    The solid head mask (isolated voxels of background noise left out), closed and hole-filled in each axial slice (so skull, sinuses and ventricles
-    count as inside whatever their brightness: the region is geometric, hence the same after any
-    monotone change of intensities), then the voxels more than DEPTH_MM inside and within TOP_MM of
-    the head's top. Where the field of view cuts the head, "top" is the top of what was scanned."""
+    The solid head mask (isolated voxels of background noise left out), closed and hole-filled in
+    each axial slice (so skull, sinuses and ventricles count as inside whatever their brightness:
+    the region is geometric, hence the same after any monotone change of intensities), then the
+    voxels more than DEPTH_MM inside and within TOP_MM of the head's top. Where the field of view cuts the head, "top" is the top of what was scanned."""
     head = solid_head_mask(np.asarray(volume, np.float32))
     if not head.any():
         return head

@@ -97,10 +97,13 @@ def _increasing(x: np.ndarray) -> np.ndarray:
 def grid_landmarks(volume: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, tuple]:
     """(landmarks, (shape, affine) of the grid) of a native volume, measured where harmonization
     measures them: on the pipeline's canonical ``VOXEL_MM`` grid. ``standardise(volume, standard,
-    source_landmarks=...)`` then maps the native voxels, as the Standardise node does."""
-    from bidsharmony.image.resample import resample_isotropic
+    source_landmarks=...)`` then maps the native voxels, as the Standardise node does.
 
-    grid, grid_affine = resample_isotropic(volume, affine, float(VOXEL_MM[0]))
+    The volume is reoriented to RAS first, whatever its voxel order: the landmark region measures the
+    head's top along the last axis (IXI's PSR volumes have the right ear there)."""
+    from bidsharmony.image.resample import canonical, resample_isotropic
+
+    grid, grid_affine = resample_isotropic(*canonical(volume, affine), float(VOXEL_MM[0]))
     return volume_landmarks(grid), (grid.shape, grid_affine)
 
 

@@ -7,8 +7,8 @@ Imaging* 19:143) standardise an MR intensity scale with a piecewise-linear map b
 Landmarks of a volume v: λ_0 = min(v) (the background) and λ_k = the P_k-th percentile of v in a
 landmark region, k = 1..K. The region stands in for the brain without a brain mask
 (``landmark_region``): the head of ``slices.solid_head_mask`` (the pipeline's own rule, without
-isolated voxels of background noise), closed and filled slice by slice, then its part deeper than DEPTH_MM below the head's surface and within
-TOP_MM of its top. Mostly brain whatever the sequence, field of view or defacing, which the whole
+isolated voxels of background noise), closed and filled slice by slice, then its part deeper than
+DEPTH_MM below the head's surface and within TOP_MM of its top. Mostly brain whatever the sequence, field of view or defacing, which the whole
 head is not: its non-brain majority (scalp, fat, muscle, face, neck) sits elsewhere in the
 histogram, relative to the brain, on other sequences and fields of view.
 
@@ -51,10 +51,10 @@ _IN_PLANE[:, :, 1] = ndimage.generate_binary_structure(2, 1)
 def landmark_region(volume: np.ndarray, zooms=VOXEL_MM) -> np.ndarray:
     """A blind stand-in for the brain in a canonical (RAS: the last axis points up) volume.
 
-    The solid head mask (isolated voxels of background noise left out), closed and hole-filled in each axial slice (so skull, sinuses and ventricles
-    count as inside whatever their brightness: the region is geometric, hence the same after any
-    monotone change of intensities), then the voxels more than DEPTH_MM inside and within TOP_MM of
-    the head's top. Where the field of view cuts the head, "top" is the top of what was scanned."""
+    The solid head mask (isolated voxels of background noise left out), closed and hole-filled in
+    each axial slice (so skull, sinuses and ventricles count as inside whatever their brightness:
+    the region is geometric, hence the same after any monotone change of intensities), then the
+    voxels more than DEPTH_MM inside and within TOP_MM of the head's top. Where the field of view cuts the head, "top" is the top of what was scanned."""
     head = solid_head_mask(np.asarray(volume, np.float32))
     if not head.any():
         return head
@@ -97,10 +97,13 @@ def _increasing(x: np.ndarray) -> np.ndarray:
 def grid_landmarks(volume: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, tuple]:
     """(landmarks, (shape, affine) of the grid) of a native volume, measured where harmonization
     measures them: on the pipeline's canonical ``VOXEL_MM`` grid. ``standardise(volume, standard,
-    source_landmarks=...)`` then maps the native voxels, as the Standardise node does."""
-    from bidsharmony.image.resample import resample_isotropic
+    source_landmarks=...)`` then maps the native voxels, as the Standardise node does.
 
-    grid, grid_affine = resample_isotropic(volume, affine, float(VOXEL_MM[0]))
+    The volume is reoriented to RAS first, whatever its voxel order: the landmark region measures the
+    head's top along the last axis (IXI's PSR volumes have the right ear there)."""
+    from bidsharmony.image.resample import canonical, resample_isotropic
+
+    grid, grid_affine = resample_isotropic(*canonical(volume, affine), float(VOXEL_MM[0]))
     return volume_landmarks(grid), (grid.shape, grid_affine)
 
 

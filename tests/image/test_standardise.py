@@ -154,3 +154,19 @@ def test_a_noisy_real_head_keeps_its_landmark_region():
     noisy = rician(u, np.random.default_rng(0), 0.04 * float(np.percentile(u[head_mask(u)], 99)))  # the benchmark's noise scanner
     a, b = landmark_region(clean, (2.0, 2.0, 2.0)), landmark_region(noisy, (2.0, 2.0, 2.0))
     assert 2 * (a & b).sum() / (a.sum() + b.sum()) > 0.95  # 0.89 when the specks counted as head
+
+
+def test_grid_landmarks_do_not_depend_on_the_voxel_order():
+    """IXI stores PSR volumes: the region's "top" must be the head's top, not its right ear, whichever
+    order the caller's voxels are in."""
+    from bidsharmony.image.standardise import grid_landmarks
+
+    if not (IXI / "splits.json").is_file():
+        pytest.skip(f"real data not available at {IXI}")
+    sub = json.loads((IXI / "splits.json").read_text())["train"][0]
+    native = nb.load(str(IXI / sub / "anat" / f"{sub}_T1w.nii.gz"))
+    canon = nb.as_closest_canonical(native)
+    assert nb.aff2axcodes(native.affine) != ("R", "A", "S")  # the case this guards
+    got = grid_landmarks(np.asarray(native.dataobj, np.float32), native.affine)[0]
+    want = grid_landmarks(np.asarray(canon.dataobj, np.float32), canon.affine)[0]
+    np.testing.assert_allclose(got, want, rtol=1e-5)

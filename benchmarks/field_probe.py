@@ -5,8 +5,8 @@ validation subjects excluded), standardised with the shipped model's landmarks. 
 shipped model's validation subjects, used by none of its trainings) goes through the benchmark's
 simulated scanners and is scored by volume PSNR in the brain against the truth:
 
-* ``field``: the stage on every volume (``field.undo``: N4's departure from the typical field, shrunk
-  by w = 1 − σ₀²/d², undone on the source's own intensities, then standardised afresh on the first
+* ``field``: the stage on every volume (``field.undo``: N4's field beyond what the target's own heads
+  span, shrunk by w = 1 − σ₀²/d², undone on the source's own intensities, then standardised afresh on the first
   standardisation's grid and region), as a gain over the standardised volume;
 * the pipeline's order: the detail stage (learned denoiser behind its gate, or sharpening), then the
   field only where the detail stage left the volume alone (its level in the target's band), as a gain
@@ -39,26 +39,25 @@ MODEL = common.REPO / "bidsharmony" / "data" / "models" / "ixi-hh-fast"
 SCANNERS = ("bias", "truth", "gamma0p7", "gamma1p5", "exp", "noise", "blur", "contrast")
 
 
-def typical(subjects, landmarks, cache: Path | None) -> field.TypicalField:
-    path = cache / f"typical-field-{len(subjects)}.npz" if cache else None
+def typical(subjects, landmarks, cache: Path | None, components: int) -> field.TypicalField:
+    path = cache / f"typical-grids-{len(subjects)}.npz" if cache else None
     if path is not None and path.is_file():
         z = np.load(path)
         if list(z["subjects"]) == list(subjects):
-            return field.TypicalField(z["n4_mean"], float(z["n4_var"]), len(subjects))
+            return field.fit_from_grids(z["grids"], components)
 
-    def volumes():
-        for sub in subjects:
-            p = run.t1w_path(DATA, sub)
-            affine = nb.as_closest_canonical(nb.load(str(p))).affine
-            v = run.load_canonical(p)
-            print(f"TRAIN {sub}", flush=True)
-            yield standardise(v, landmarks, source_landmarks=grid_landmarks(v, affine)[0]), affine
+    def grid(sub):
+        p = run.t1w_path(DATA, sub)
+        affine = nb.as_closest_canonical(nb.load(str(p))).affine
+        v = run.load_canonical(p)
+        print(f"TRAIN {sub}", flush=True)
+        return field.head_grid(standardise(v, landmarks, source_landmarks=grid_landmarks(v, affine)[0]), affine)
 
-    t = field.fit_typical(volumes())
+    grids = np.array([grid(sub) for sub in subjects])
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(path, n4_mean=t.n4_mean, n4_var=t.n4_var, subjects=np.array(subjects))
-    return t
+        np.savez(path, grids=grids, subjects=np.array(subjects))
+    return field.fit_from_grids(grids, components)
 
 
 def main() -> None:
@@ -66,7 +65,8 @@ def main() -> None:
     p.add_argument("--train-subjects", type=int, default=30)
     p.add_argument("--eval-subjects", type=int, default=4, help="the model's first N validation subjects, scored")
     p.add_argument("--scanners", default=",".join(SCANNERS))
-    p.add_argument("--cache", type=Path, default=None, help="keep the typical fields here (N4 takes ~17 s a volume)")
+    p.add_argument("--cache", type=Path, default=None, help="keep the TRAIN heads' N4 grids here (N4 takes ~17 s a volume)")
+    p.add_argument("--components", type=int, default=field.COMPONENTS, help="principal components of the heads' own fields kept")
     p.add_argument("--name", default="field_probe")
     args = p.parse_args()
     common.setup(args)
@@ -84,7 +84,7 @@ def main() -> None:
     validation = ["sub-" + s for s in cfg["training_data"]["subjects_validation"]]
     held = validation[: args.eval_subjects]
     train = [s for s in sorted(json.loads((DATA / "splits.json").read_text())["train"]) if s not in validation][: args.train_subjects]
-    typ = typical(train, landmarks, args.cache)
+    typ = typical(train, landmarks, args.cache, args.components)
     t_train = time.perf_counter() - t0
     cols = ["standardised (dB)", "+ field", "w", "seconds", "detail stage alone (dB)", "detail action", "pipeline: + field where in band"]
     results: dict[tuple[str, str], list] = {}
@@ -123,16 +123,17 @@ def main() -> None:
 
     rows = [[s + (" (a field)" if s == "bias" else ""), *[cell(s, c) for c in cols]] for s in scanners]
     common.write_results(
-        args, "cpu", args.name, "Probe: the bias-field stage (N4 shrunk towards the typical field, checked on white matter), held-out heads",
+        args, "cpu", args.name, "Probe: the bias-field stage (N4's field beyond what the target's own heads span, shrunk), held-out heads",
         common.table(["scanner", *cols], rows),
         [f"Held-out heads: {', '.join(held)} (the shipped model's validation subjects, TRAIN split, used by none of its trainings). "
          "Gains in volume PSNR (dB) in the brain: '+ field' over the standardised volume (the stage on every volume), the last "
          "column over the detail stage alone (the pipeline: the field only where the detail stage did nothing, else +0). "
          "Means over the heads; w: the shrinkage weight.",
-         f"Typical fields from {len(train)} IXI-HH TRAIN volumes (validation subjects excluded): N4 variance σ₀² = {typ.n4_var:.5f}; "
+         f"Typical fields from {len(train)} IXI-HH TRAIN volumes (validation subjects excluded), {len(typ.n4_basis)} principal "
+         f"components of their own fields; a left-out head's leftover σ₀² = {typ.n4_var:.5f}; "
          f"{t_train:.0f} s (or read from --cache).",
          f"Whole run {time.perf_counter() - t0:.0f} s."],
-        {"results": {f"{s}|{c}": v for (s, c), v in results.items()}, "n4_var": typ.n4_var, "train": train, "held_out": held})
+        {"results": {f"{s}|{c}": v for (s, c), v in results.items()}, "n4_var": typ.n4_var, "components": len(typ.n4_basis), "train": train, "held_out": held})
 
 
 if __name__ == "__main__":

@@ -6,13 +6,22 @@ from the target's *typical* field is undone:
 
 1. **N4's field** (Tustison et al. 2010, *IEEE TMI* 29:1310; antspyx) of the standardised volume, as
    a log-field g with zero mean in the head, sampled on a G³ grid over the head's bounding box (a
-   crude but blind alignment between heads; RAS voxel order). The target's TRAIN volumes give the
-   typical field m (the grid mean) and the between-subject variance σ₀² (per grid point, averaged).
-2. **Shrinkage.** A source departs from m by d² = mean((g − m)²); a target head departs by about σ₀²,
-   so the share of the departure that is the source's own is estimated by the James–Stein-type
-   weight w = max(0, 1 − σ₀²/d²) (Efron & Morris 1973). The log-correction is c = w (m − g) in the
-   head.
-3. **On the source's own intensities.** The field multiplied the scanner's intensities, so the
+   crude but blind alignment between heads; RAS voxel order).
+2. **How the target's own fields vary.** The target's TRAIN volumes give the typical field m (the
+   grid mean) and the K leading principal components B of their fields (the ways a target head's
+   own field departs from m: its position in the coil, its size). A field g is explained by the
+   target as far as it lies in that subspace: ĝ = m + BᵀB (g − m); what is left, r = g − ĝ, is what
+   no target head shows. σ₀² is a target head's own leftover, mean(r²), each TRAIN head left out of
+   the fit that judges it (without leaving out, K components fitted on n heads flatter the fit).
+3. **A gate, then shrinkage.** A source leaves d² = mean(r²). If d² is no larger than the largest
+   leftover of any left-out TRAIN head (d²_max), the field is one a target head could have, and
+   nothing is done: on clean, well-standardised volumes (~40 dB) even a 1 % smooth change costs
+   2–3 dB, so a correction shrunk by size alone, which always removes part of a head's own field,
+   cannot be afforded. Beyond the gate, the share of the leftover that is foreign is estimated by
+   the James–Stein-type weight w = 1 − σ₀²/d² (Efron & Morris 1973), and the log-correction is
+   c = w (ĝ − g) in the head: the field is moved towards the nearest field a target head could
+   have, not towards the mean one.
+4. **On the source's own intensities.** The field multiplied the scanner's intensities, so the
    correction does too: the source is multiplied by exp(c) and standardised afresh, its landmarks
    measured as the first standardisation measured them (on the same 1.2 mm grid and landmark
    region). With c = 0 this is exactly the first standardisation; landmarks measured again on the
@@ -28,37 +37,63 @@ alone (``interfaces.standardise``).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from dataclasses import field as _default
 
 import numpy as np
 from scipy import ndimage
 
 GRID = 24  # grid points per axis over the head's bounding box
+COMPONENTS = 8  # principal components of the target's own fields kept (K; chosen on held-out heads, docs/method.md §9)
 WORKING_MM = 4.0  # N4 works on about this voxel size (its shrink factor): the field holds nothing finer
 # A model folder's extra tensors (``extra.NAME``) holding the typical field; its config entry is ``preprocessing.field``
 EXTRAS = ("field_n4_mean",)
+BASIS = "field_n4_basis"  # and, where K > 0, the (K, G³) components
 
 
 @dataclass(frozen=True)
 class TypicalField:
-    """The target's typical field: N4's mean log-field on the G³ grid and its between-subject variance."""
+    """The target's typical field: N4's mean log-field m on the G³ grid, the (K, G³) orthonormal components B of
+    its heads' own departures (K may be 0), a target head's own leftover variance σ₀² outside them (mean over
+    left-out heads) and the largest such leftover, the gate (0: no gate)."""
 
     n4_mean: np.ndarray
     n4_var: float
     volumes: int
+    n4_gate: float = 0.0
+    n4_basis: np.ndarray = _default(default_factory=lambda: np.zeros((0, GRID**3), np.float32))
+
+    def explained(self, grid: np.ndarray) -> np.ndarray:
+        """ĝ = m + BᵀB (g − m): the field on the grid nearest to ``grid`` that the target's own heads span."""
+        d = (grid - self.n4_mean).ravel()
+        return self.n4_mean + (self.n4_basis.T @ (self.n4_basis @ d)).reshape(self.n4_mean.shape)
+
+    def weight(self, grid: np.ndarray) -> tuple[float, float]:
+        """(d², w) of a field on the grid: its leftover beyond ĝ, and the share of it deemed foreign (0 up to the gate)."""
+        d2 = float(np.mean((grid - self.explained(grid)) ** 2))
+        return d2, (max(0.0, 1.0 - self.n4_var / d2) if d2 > self.n4_gate else 0.0)
 
     def to_extras(self) -> dict:
         """The model folder's extras (``save_model(extras=...)``)."""
-        return {"field_n4_mean": self.n4_mean.astype(np.float32)}
+        out = {"field_n4_mean": self.n4_mean.astype(np.float32)}
+        if len(self.n4_basis):
+            out[BASIS] = self.n4_basis.astype(np.float32)
+        return out
 
     def model_entry(self) -> dict:
         return {"method": "n4-typical", "grid": GRID, "working_mm": WORKING_MM, "n4_variance": float(self.n4_var),
-                "volumes": int(self.volumes)}
+                "n4_gate": float(self.n4_gate), "components": len(self.n4_basis), "volumes": int(self.volumes)}
 
     @classmethod
     def from_model(cls, tensors: dict, entry: dict) -> TypicalField:
         """From a model folder's tensors (``extra.NAME``, torch) and its ``preprocessing.field`` entry."""
+        k = int(entry.get("components", 0))
+        basis = np.asarray(tensors[f"extra.{BASIS}"].float().numpy(), np.float32) if k else np.zeros((0, GRID**3), np.float32)
+        if len(basis) != k:
+            from bidsharmony.errors import ModelError
+
+            raise ModelError(f"its field entry says {k} components, its weights hold {len(basis)} (extra.{BASIS})")
         return cls(np.asarray(tensors["extra.field_n4_mean"].float().numpy(), np.float32), float(entry["n4_variance"]),
-                   int(entry.get("volumes", 0)))
+                   int(entry.get("volumes", 0)), float(entry.get("n4_gate", 0.0)), basis)
 
 
 def _box(mask: np.ndarray) -> tuple[slice, ...]:
@@ -124,12 +159,37 @@ def measure(v: np.ndarray, affine: np.ndarray) -> dict:
     return {"head": head, "g": g, "grid": to_grid(g, head)}
 
 
-def fit_typical(volumes) -> TypicalField:
+def _subspace(grids: np.ndarray, components: int) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, (k, G³) leading principal components) of (n, G³) fields; k = min(components, n − 1)."""
+    mean = grids.mean(0)
+    k = min(components, len(grids) - 1)
+    if k <= 0:
+        return mean, np.zeros((0, grids.shape[1]), np.float32)
+    return mean, np.linalg.svd(grids - mean, full_matrices=False)[2][:k].astype(np.float32)
+
+
+def fit_from_grids(grids: np.ndarray, components: int = COMPONENTS) -> TypicalField:
+    """The typical field from the (n, G, G, G) grids of n target heads; σ₀² and the gate by leaving each head out in turn."""
+    flat = np.asarray(grids, np.float64).reshape(len(grids), -1)
+    if len(flat) < 3:
+        raise ValueError("the typical field needs at least three training volumes (a left-out head and two to judge it)")
+    left = []
+    for i in range(len(flat)):
+        mean, basis = _subspace(np.delete(flat, i, 0), components)
+        d = flat[i] - mean
+        left.append(np.mean((d - basis.T @ (basis @ d)) ** 2))
+    mean, basis = _subspace(flat, components)
+    return TypicalField(mean.reshape(grids.shape[1:]).astype(np.float32), float(np.mean(left)), len(flat), float(np.max(left)), basis)
+
+
+def head_grid(v: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """The G³ grid of N4's log-field of one standardised volume, in any voxel order."""
+    return measure(*_canonical(v, affine)[:2])["grid"]
+
+
+def fit_typical(volumes, components: int = COMPONENTS) -> TypicalField:
     """The target's typical field from ``(standardised volume, affine)`` pairs of its TRAIN images."""
-    grids = np.array([measure(*_canonical(v, affine)[:2])["grid"] for v, affine in volumes])
-    if len(grids) < 2:
-        raise ValueError("the typical field needs at least two training volumes")
-    return TypicalField(grids.mean(0), float(np.mean(np.var(grids, 0, ddof=1))), len(grids))
+    return fit_from_grids(np.array([head_grid(v, affine) for v, affine in volumes]), components)
 
 
 def correction(v: np.ndarray, affine: np.ndarray, typical: TypicalField) -> tuple[np.ndarray, dict]:
@@ -137,12 +197,13 @@ def correction(v: np.ndarray, affine: np.ndarray, typical: TypicalField) -> tupl
     everywhere when the shrinkage weight is 0; the record a sidecar states)."""
     ras, ras_affine, back = _canonical(v, affine)
     got = measure(ras, ras_affine)
-    d2 = float(np.mean((got["grid"] - typical.n4_mean) ** 2))
-    w = max(0.0, 1.0 - typical.n4_var / d2) if d2 > 0 else 0.0
-    rec = {"Method": "n4-typical", "N4Departure": round(d2, 6), "TypicalVariance": round(typical.n4_var, 6), "Weight": round(w, 4)}
+    nearest = typical.explained(got["grid"])
+    d2, w = typical.weight(got["grid"])
+    rec = {"Method": "n4-typical", "Components": len(typical.n4_basis), "N4Departure": round(d2, 6),
+           "TypicalVariance": round(typical.n4_var, 6), "Gate": round(typical.n4_gate, 6), "Weight": round(w, 4)}
     if w == 0.0:
         return np.zeros(np.shape(v), np.float32), rec
-    c = np.where(got["head"], w * (from_grid(typical.n4_mean, got["head"]) - got["g"]), 0.0).astype(np.float32)
+    c = np.where(got["head"], w * (from_grid(nearest, got["head"]) - got["g"]), 0.0).astype(np.float32)
     return back(c), rec
 
 

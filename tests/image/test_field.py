@@ -68,7 +68,7 @@ def test_a_foreign_field_is_undone_and_the_targets_own_head_kept(target):
 
 def test_without_a_correction_the_stage_is_the_first_standardisation(target):
     typical, landmarks, head, affine = target
-    flat = field.TypicalField(typical.n4_mean, 1e9, 4)  # a huge typical spread: weight 0
+    flat = field.TypicalField(typical.n4_mean, 1e9, 4, 1e9, typical.n4_basis)  # a huge typical spread: weight 0
     std, out, rec = _undo(head, affine, flat, landmarks)
     assert rec["Weight"] == 0 and "LandmarksAfter" not in rec
     np.testing.assert_array_equal(out, std)
@@ -85,15 +85,48 @@ def test_the_voxel_order_does_not_change_the_correction(target):
 
 
 def test_the_typical_field_travels_through_a_model_folder():
-    typical = field.TypicalField(np.random.default_rng(0).normal(size=(field.GRID,) * 3).astype(np.float32), 0.004, 7)
+    rng = np.random.default_rng(0)
+    typical = field.fit_from_grids(rng.normal(size=(7, *(field.GRID,) * 3)).astype(np.float32), components=3)
     tensors = {f"extra.{k}": torch.as_tensor(v) for k, v in typical.to_extras().items()}
     cfg = {"preprocessing": {"field": typical.model_entry()}}
-    assert has_field(cfg)
+    assert has_field(cfg) and cfg["preprocessing"]["field"]["components"] == 3
     back = model_field(None, (cfg, tensors))
     np.testing.assert_array_equal(back.n4_mean, typical.n4_mean)
-    assert (back.n4_var, back.volumes) == (pytest.approx(0.004), 7)
+    np.testing.assert_array_equal(back.n4_basis, typical.n4_basis)
+    assert (back.n4_var, back.n4_gate, back.volumes) == (pytest.approx(typical.n4_var), pytest.approx(typical.n4_gate), 7)
     with pytest.raises(ModelError, match="field_n4_mean"):
         model_field("folder", (cfg, {}))
+    with pytest.raises(ModelError, match="3 components"):
+        model_field("folder", (cfg, {k: v for k, v in tensors.items() if k != f"extra.{field.BASIS}"} | {
+            f"extra.{field.BASIS}": tensors[f"extra.{field.BASIS}"][:2]}))
+
+
+def test_own_fields_are_told_from_foreign_ones_by_their_shape_not_their_size():
+    """Heads whose own fields vary along a few directions (here: ramps along two axes) and a little
+    noise: a new head far along those directions is the target's own (weight 0: its leftover is
+    within the gate), while a foreign field of the same size in another shape is left over (weight
+    near 1). Without components (K = 0) the size alone decides and the own head is 'corrected' too."""
+    rng = np.random.default_rng(0)
+    x = np.linspace(-1, 1, field.GRID)
+    ramps = np.stack([np.broadcast_to(x[:, None, None], (field.GRID,) * 3), np.broadcast_to(x[None, None, :], (field.GRID,) * 3)])
+    mean = 0.05 * np.broadcast_to(x[None, :, None], (field.GRID,) * 3)
+
+    def head(scale=0.1):
+        return mean + np.tensordot(rng.normal(0, scale, 2), ramps, 1) + rng.normal(0, 0.01, ramps.shape[1:])
+
+    heads = np.array([head() for _ in range(20)])
+    typical = field.fit_from_grids(heads, components=2)
+    assert typical.n4_basis.shape == (2, field.GRID**3)
+    assert 1e-4 < typical.n4_var < 1.5e-4  # the noise (and the left-out fit's error): the ramps are explained
+    own = mean + np.tensordot([0.2, -0.2], ramps, 1)  # twice a typical head's own departure
+    foreign = mean + 0.2 * np.sqrt(2 * np.mean(ramps[0] ** 2)) * rng.standard_normal(own.shape)  # as large, another shape
+
+    def weight(fitted, g):
+        return fitted.weight(g)[1]
+
+    assert weight(typical, own) == 0 and weight(typical, foreign) > 0.95  # the own head within the gate
+    by_size = field.fit_from_grids(heads, components=0)
+    assert weight(by_size, own) > 0.3  # the size alone: the own head, twice as far as is typical, looks foreign
 
 
 def test_the_field_option_resolves_against_the_model():

@@ -56,7 +56,7 @@ def test_the_native_output_is_what_the_record_says(tiny_model, example_bids, tmp
     with the model's band, then (the tiny model holds a typical field, and auto uses it) the field
     stage where the detail stage did nothing: recomputed here, the same voxels."""
     t1w = _t1w(example_bids, session)
-    out, info = _harmonize(tiny_model, t1w, tmp_path)
+    out, info = _harmonize(tiny_model, t1w, tmp_path, field="auto")
     rec = info["Standardisation"]
     detail = rec["Detail"]
     assert info["Parameters"]["detail"] == "match"

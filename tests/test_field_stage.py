@@ -50,7 +50,8 @@ def test_field_none_and_models_without_a_typical_field(tiny_model, example_bids,
     write_folder(tmp_path / "old", tensors, cfg)
     with pytest.raises(ModelError, match="no typical field"):
         init_harmonize_wf(model=tmp_path / "old", params={"field": "n4-typical"})
-    assert init_harmonize_wf(model=tmp_path / "old", params={}).get_node("harmonize").inputs.params["field"] == "none"
+    assert init_harmonize_wf(model=tmp_path / "old", params={"field": "auto"}).get_node("harmonize").inputs.params["field"] == "none"
+    assert init_harmonize_wf(model=tiny_model, params={}).get_node("harmonize").inputs.params["field"] == "none"  # opt-in
     old_out, old = _harmonize(tmp_path / "old", t1w, tmp_path / "old-run")
     assert "Field" not in old["Standardisation"]  # a model without a typical field: as --field none
     np.testing.assert_allclose(np.asanyarray(nb.load(old_out).dataobj), np.asanyarray(nb.load(out).dataobj), atol=1e-5)
@@ -59,7 +60,7 @@ def test_field_none_and_models_without_a_typical_field(tiny_model, example_bids,
 @pytest.mark.parametrize("session", ["1", "2"])
 def test_the_sidecar_states_what_the_field_stage_did(tiny_model, example_bids, tmp_path, session):
     """The field runs only where the detail stage left the volume alone (N4 is misled where it acts)."""
-    _, info = _harmonize(tiny_model, _t1w(example_bids, session), tmp_path)
+    _, info = _harmonize(tiny_model, _t1w(example_bids, session), tmp_path, field="auto")
     rec = info["Standardisation"]
     field = rec["Field"]
     assert field["Method"] == "n4-typical" and 0 <= field["Weight"] <= 1

@@ -171,8 +171,8 @@ def _subspace(grids: np.ndarray, components: int) -> tuple[np.ndarray, np.ndarra
 def fit_from_grids(grids: np.ndarray, components: int = COMPONENTS) -> TypicalField:
     """The typical field from the (n, G, G, G) grids of n target heads; σ₀² and the gate by leaving each head out in turn."""
     flat = np.asarray(grids, np.float64).reshape(len(grids), -1)
-    if len(flat) < 3:
-        raise ValueError("the typical field needs at least three training volumes (a left-out head and two to judge it)")
+    if len(flat) < 2:
+        raise ValueError("the typical field needs at least two training volumes (a left-out head and one to judge it)")
     left = []
     for i in range(len(flat)):
         mean, basis = _subspace(np.delete(flat, i, 0), components)

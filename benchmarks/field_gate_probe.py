@@ -92,7 +92,7 @@ def main() -> None:
                                                             run.case_seed(0, sub, scanner))
             grid_src, gaff = resample_isotropic(src, affine, 1.2)
             region = landmark_region(grid_src)
-            std = standardise(src, landmarks, source_landmarks=volume_landmarks(grid_src, region=lambda v, z: region))
+            std = standardise(src, landmarks, source_landmarks=volume_landmarks(grid_src, region=lambda v, z, r=region: r))
             path = args.cache / f"{sub}_{scanner}.npz" if args.cache else None
             if path is not None and path.is_file():
                 got = dict(np.load(path))
@@ -109,7 +109,7 @@ def main() -> None:
                     if w > 0:
                         c = np.where(got["head"], w * (field.from_grid(nearest, got["head"]) - got["g"]), 0.0).astype(np.float32)
                         fixed = (src * np.exp(c)).astype(np.float32)
-                        after = volume_landmarks(resample_onto(fixed, affine, grid_src.shape, gaff), PERCENTILES, region=lambda v, z: region)
+                        after = volume_landmarks(resample_onto(fixed, affine, grid_src.shape, gaff), PERCENTILES, region=lambda v, z, r=region: r)
                         gain = scores.volume_scores(standardise(fixed, landmarks, source_landmarks=after), truth, mask)["psnr_vol"] - base
                     results.setdefault((scanner, k, rule), []).append((gain, w))
             print(sub, scanner, f"{base:.2f} dB", flush=True)

@@ -21,7 +21,6 @@ import logging
 import time
 from pathlib import Path
 
-import nibabel as nb
 import numpy as np
 import torch
 from common import rewrite_model_folder

@@ -119,7 +119,7 @@ def from_grid(m: np.ndarray, head: np.ndarray) -> np.ndarray:
 def _step(zooms) -> int:
     """N4's shrink factor for a ~WORKING_MM grid (2 on 2 mm voxels, 4 on 1 mm, 6 on 0.7 mm): its cost does not grow
     with the scan's resolution."""
-    return max(1, int(round(WORKING_MM / float(min(zooms)))))
+    return max(1, round(WORKING_MM / float(min(zooms))))
 
 
 def n4_log_field(v: np.ndarray, affine: np.ndarray, head: np.ndarray) -> np.ndarray:

@@ -32,6 +32,10 @@ N4 is misled by noise, blur and changes of tissue contrast (each moved its field
 field on held-out heads), and each of those moves the volume's detail level out of the target's band
 (``image.detail``). So the pipeline runs this stage only where the detail stage leaves the volume
 alone (``interfaces.standardise``).
+
+The stage is an option (``--field auto``), not the default: on the quality benchmark's TEST heads it
+lifts the bias scanner by almost 4 dB, but one head in four lies at the gate's edge and loses up to
+3 dB on its monotone scans, and both unseen real scanners move away from the target (docs/method.md §9).
 """
 
 from __future__ import annotations

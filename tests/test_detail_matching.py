@@ -13,11 +13,19 @@ import numpy as np
 import pytest
 
 from bidsharmony.errors import ModelError
-from bidsharmony.flow.checkpoint import model_denoiser, model_detail_band, model_detail_voxel, model_landmarks, read_folder
+from bidsharmony.flow.checkpoint import (
+    model_denoiser,
+    model_detail_band,
+    model_detail_voxel,
+    model_field,
+    model_landmarks,
+    read_folder,
+)
 from bidsharmony.image.detail import BAND, at_resolution, detail_level, fit_band, match_detail, ras_voxel_mm
+from bidsharmony.image import field
 from bidsharmony.image.io import load_t1w
 from bidsharmony.image.resample import canonical, resample_isotropic
-from bidsharmony.image.standardise import apply_record, standardise
+from bidsharmony.image.standardise import apply_record, landmark_region, standardise
 from bidsharmony.modelfolder import write_folder
 from bidsharmony.workflows.harmonize import init_harmonize_wf
 from tests.test_standardisation import _harmonize, _t1w
@@ -44,26 +52,35 @@ def test_training_fits_the_band_on_its_training_volumes_only(tiny_model, example
 
 @pytest.mark.parametrize("session", ["1", "2"])
 def test_the_native_output_is_what_the_record_says(tiny_model, example_bids, tmp_path, session):
-    """With the loop off, the native output is the input through the recorded map, then through
-    match_detail with the model's band: recomputed here, the same voxels."""
+    """With the loop off, the native output is the input through the recorded map, then match_detail
+    with the model's band, then (the tiny model holds a typical field, and auto uses it) the field
+    stage where the detail stage did nothing: recomputed here, the same voxels."""
     t1w = _t1w(example_bids, session)
-    out, info = _harmonize(tiny_model, t1w, tmp_path)
+    out, info = _harmonize(tiny_model, t1w, tmp_path, field="auto")
     rec = info["Standardisation"]
     detail = rec["Detail"]
     assert info["Parameters"]["detail"] == "match"
     np.testing.assert_allclose(detail["Band"], model_detail_band(tiny_model))
     img, data = load_t1w(t1w)
     grid = resample_isotropic(*canonical(data, img.affine), 1.2)
-    expected, again = match_detail(apply_record(data, rec), img.affine, detail["Band"], (grid[0].shape, grid[1]),
+    native = apply_record(data, rec)
+    assert info["Parameters"]["field"] == "n4-typical" and "Field" in rec
+    expected, again = match_detail(native, img.affine, detail["Band"], (grid[0].shape, grid[1]),
                                    model_detail_voxel(tiny_model), model_denoiser(tiny_model))
+    if detail["Action"] == "none":  # then the field stage, on the source's own intensities
+        expected, fixed = field.undo(data, img.affine, native, model_field(tiny_model), model_landmarks(tiny_model)[0],
+                                     rec["Percentiles"], (grid[0].shape, grid[1]), landmark_region(grid[0], (1.2, 1.2, 1.2)))
+        assert fixed["Weight"] == pytest.approx(rec["Field"]["Weight"], abs=1e-3)
+        if fixed["Weight"] > 0:
+            np.testing.assert_allclose(fixed["LandmarksAfter"], rec["Field"]["LandmarksAfter"], rtol=1e-4, atol=1e-3)
     assert again["MeasuredAtVoxel"] == detail["MeasuredAtVoxel"] is not None
     # The learned denoiser's weight is linear in the level (bisection quantises non-local means' weight):
     # the level recomputed here from the float32 voxels differs in the 6th digit, the weight in the 4th.
     assert again["Action"] == detail["Action"] and again["Weight"] == pytest.approx(detail["Weight"], abs=1e-3)
     assert again.get("Denoiser") == detail.get("Denoiser")
     np.testing.assert_allclose(np.asanyarray(nb.load(out).dataobj, np.float32), expected, atol=1e-4 * 100)
-    if detail["Action"] == "none":
-        np.testing.assert_allclose(expected, apply_record(data, rec), atol=1e-4)
+    if detail["Action"] == "none" and not rec["Field"]["Weight"]:
+        np.testing.assert_allclose(expected, native, atol=1e-4)
 
 
 def test_detail_none_and_models_without_a_band(tiny_model, tmp_path):

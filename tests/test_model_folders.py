@@ -20,7 +20,7 @@ from bidsharmony.models import BUNDLED, DEFAULT_MODEL
 from .conftest import tree_digest
 
 TRAIN = ["train", "--preset", "tiny", "--steps", "2", "--train-batch-size", "2", "--val-every", "2",
-         "--checkpoint-every", "2", "--nprocs", "1", "--device", "cpu", "--skip-bids-validation", "--denoiser-steps", "0"]  # fmt: skip
+         "--checkpoint-every", "2", "--nprocs", "1", "--device", "cpu", "--skip-bids-validation", "--denoiser-steps", "0", "--field-volumes", "0"]  # fmt: skip
 
 
 def _run(capsys, *args):

@@ -6,6 +6,7 @@ LOOP = ["--iterations", "10"]  # the published loop's length (the default runs n
 ABLATIONS = {
     # The default is the standardisation and detail matching; each row removes, adds or changes one thing.
     "standardise": ("the standardisation alone (no detail matching)", ["--detail", "none"]),
+    "field": ("standardisation + detail matching + the bias-field stage (`--field auto`, not the default)", ["--field", "auto"]),
     "nlm": ("standardisation + detail matching with non-local means (no learned denoiser)", ["--denoiser", "non-local-means"]),
     "loop": ("standardisation + detail matching + the published loop (10 iterations)", LOOP),
     "published": ("the published method (no standardisation, no detail matching, the loop)", ["--standardise", "none", *LOOP]),
@@ -16,7 +17,7 @@ ABLATIONS = {
     "meanstart": ("loop, mean start", [*LOOP, "--start", "mean"]),
     "ncc": ("loop, NCC similarity", [*LOOP, "--similarity", "ncc"]),
 }
-UNSEEN_ABLATIONS = ("standardise", "nlm")  # also run on the unseen real scanners (the others run the loop: minutes per scan)
+UNSEEN_ABLATIONS = ("standardise", "field", "nlm")  # also run on the unseen real scanners (the others run the loop: minutes per scan)
 METHOD = "bidsharmony"
 BHDIFF = "bhdiff"
 METRICS = ["psnr_slice", "ssim_slice", "psnr_vol", "ssim_vol", "ncc_vol", "dice", "jump_ratio", "profile_rmse"]

@@ -167,6 +167,26 @@ def model_denoiser(folder, read: tuple | None = None):
     return from_tensors(tensors, int(entry.get("channels", 16)), folder)
 
 
+def model_field(folder, read: tuple | None = None):
+    """The target's typical field a model folder holds (``bidsharmony.image.field.TypicalField``; its
+    tensors ``field_*``, its entry ``preprocessing.field``), or None."""
+    from bidsharmony.image.field import EXTRAS, TypicalField
+
+    cfg, tensors = read or read_folder(folder)
+    entry = (cfg.get("preprocessing") or {}).get("field")
+    if not entry:
+        return None
+    if entry.get("method") != "n4-typical" or any(f"extra.{k}" not in tensors for k in EXTRAS):
+        raise ModelError(f"{Path(folder) / CONFIG}: its field entry (method {entry.get('method')!r}) does not match its weights "
+                         f"(needs extra.{', extra.'.join(EXTRAS)})")
+    return TypicalField.from_model(tensors, entry)
+
+
+def has_field(cfg: dict) -> bool:
+    """Whether a model's config says it holds the target's typical field (read without the weights)."""
+    return bool((cfg.get("preprocessing") or {}).get("field"))
+
+
 def has_landmarks(cfg: dict) -> bool:
     """Whether a model's config says it standardises intensities (read without the weights)."""
     return bool((cfg.get("preprocessing") or {}).get("standardisation"))

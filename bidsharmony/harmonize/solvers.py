@@ -26,6 +26,7 @@ STARTS = ("source", "mean")
 STANDARDISATIONS = ("auto", "landmarks", "none")  # auto: landmarks where the model has them
 DETAILS = ("auto", "match", "none")
 DENOISERS = ("auto", "learned", "non-local-means", "none")  # auto: learned where the model holds one; none: no detail stage
+FIELDS = ("auto", "n4-typical", "none")  # auto: where the model holds the target's typical field
 
 
 @dataclass
@@ -55,6 +56,8 @@ class HarmonizeParams:
     detail: str = "auto"
     # Which denoiser the detail stage uses above the band (docs/method.md §8).
     denoiser: str = "auto"
+    # Before detail matching, undo the part of a smooth intensity field the target's images lack (docs/method.md §9).
+    field: str = "none"
 
     def validate(self) -> "HarmonizeParams":
         if self.similarity not in SIMILARITIES:
@@ -69,6 +72,8 @@ class HarmonizeParams:
             raise ValueError(f"detail must be one of {DETAILS}, not {self.detail!r}")
         if self.denoiser not in DENOISERS:
             raise ValueError(f"denoiser must be one of {DENOISERS}, not {self.denoiser!r}")
+        if self.field not in FIELDS:
+            raise ValueError(f"field must be one of {FIELDS}, not {self.field!r}")
         if self.iterations < 0 or self.batch_size < 1:
             raise ValueError("iterations must be >= 0 and batch size >= 1")
         return self

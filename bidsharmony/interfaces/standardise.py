@@ -1,5 +1,6 @@
-"""Blind intensity standardisation of the resampled volume onto the model's standard scale, then
-(where the model holds a detail band) detail matching of the native voxels."""
+"""Blind intensity standardisation of the resampled volume onto the model's standard scale, then,
+on the native voxels, the foreign part of a bias field undone (where the model holds the target's
+typical field) and detail matching (where it holds a detail band)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import json
 import os
 
 from nipype.interfaces.base import BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec, isdefined, traits
-
 
 class _StandardiseInputSpec(BaseInterfaceInputSpec):
     in_file = File(exists=True, mandatory=True, desc="canonical isotropic volume (the resample node's output)")
@@ -19,13 +19,16 @@ class _StandardiseInputSpec(BaseInterfaceInputSpec):
     target_voxel = traits.List(traits.Float, minlen=3, maxlen=3, desc="the target's acquired voxel size (RAS, mm) the band's "
                                "levels are measured at; unset: as the source was acquired")
     denoiser_model = traits.Str(desc="a model folder holding a learned denoiser, used above the band instead of non-local means")
+    field_model = traits.Str(desc="a model folder holding the target's typical field (``bidsharmony.image.field``): the part of "
+                             "the volume's field the target lacks is undone on the native voxels, which are then standardised again")
 
 
 class _StandardiseOutputSpec(TraitedSpec):
     out_file = File(exists=True, desc="the volume on the model's standard scale")
     standardisation = File(exists=True, desc="the map: percentiles, source and standard landmarks (.json), and the "
                            "detail matching's record under Detail")
-    native_file = File(exists=True, desc="with a band: the native voxels standardised and detail-matched (what Reassemble starts from)")
+    native_file = File(exists=True, desc="with a band or a field: the native voxels standardised, their field undone and "
+                       "detail-matched (what Reassemble starts from)")
 
 
 class Standardise(SimpleInterface):
@@ -51,8 +54,18 @@ class Standardise(SimpleInterface):
             raise ImageError(f"{self.inputs.source or self.inputs.in_file}: cannot standardise its intensities ({e})") from None
         standardised = std.standardise(volume, standard, percentiles, source_landmarks=source)
         record = std.record(source, standard, percentiles)
+        native = None
         if isdefined(self.inputs.band):
-            standardised, record["Detail"] = self._match_detail(standardised, img.affine, record, runtime)
+            standardised, native, record["Detail"] = self._match_detail(standardised, img.affine, record)
+        if isdefined(self.inputs.field_model):
+            if native is not None and record["Detail"]["Action"] != "none":
+                # Noise, blur and tissue contrast mislead N4, and each moves the detail level out of the band.
+                record["Field"] = {"Method": "n4-typical", "Weight": 0.0, "Skipped": "the detail stage changed the volume"}
+            else:
+                zooms = img.header.get_zooms()[:3]
+                standardised, native, record["Field"] = self._undo_field(volume, zooms, standardised, img.affine, record)
+        if native is not None:
+            self._write_native(native, runtime)
         out = nb.Nifti1Image(standardised, img.affine)
         out.header.set_xyzt_units("mm")
         self._results["out_file"] = os.path.join(runtime.cwd, "standardised.nii.gz")
@@ -62,22 +75,49 @@ class Standardise(SimpleInterface):
             json.dump(record, f)
         return runtime
 
-    def _match_detail(self, standardised, affine, record, runtime):
-        """Standardise the native voxels with the same map, match their detail level on this grid;
-        returns (this grid's volume: unchanged where the level was in the band, else the matched
-        native volume resampled here; the matching's record)."""
-        import nibabel as nb
+    def _source(self):
+        """(the original T1w's image, its native voxels)."""
+        from bidsharmony.image.io import load_t1w
+
+        if not self.inputs.source:
+            raise ValueError("Standardise: the field and detail stages need the original T1w as source")
+        return load_t1w(self.inputs.source)
+
+    def _undo_field(self, volume, zooms, standardised, affine, record):
+        """The foreign part of the native voxels' field undone (``image.field.undo``), their landmarks measured
+        again on this grid's first landmark region: returns (this grid's volume, the native volume, the
+        field's record)."""
+        import numpy as np
+
+        from bidsharmony.errors import ImageError
+        from bidsharmony.flow.checkpoint import model_field
+        from bidsharmony.image import field
+        from bidsharmony.image.resample import resample_onto
+        from bidsharmony.image.standardise import apply_record, landmark_region
+
+        orig, data = self._source()
+        try:
+            native, rec = field.undo(data, orig.affine, apply_record(data, record), model_field(self.inputs.field_model),
+                                     np.asarray(self.inputs.standard, np.float64), list(self.inputs.percentiles),
+                                     (volume.shape, affine), landmark_region(volume, zooms))
+        except ValueError as e:
+            raise ImageError(f"{self.inputs.source}: cannot estimate its bias field ({e})") from None
+        if rec["Weight"] == 0:
+            return standardised, native, rec
+        return resample_onto(native, orig.affine, volume.shape, affine).astype(np.float32), native, rec
+
+    def _match_detail(self, standardised, affine, record):
+        """Match the native voxels' detail level (standardised with the same map) on this grid; returns
+        (this grid's volume: unchanged where the level was in the band, else the matched native volume
+        resampled here; the native volume; the matching's record)."""
         import numpy as np
 
         from bidsharmony.errors import ImageError
         from bidsharmony.image.detail import match_detail
-        from bidsharmony.image.io import load_t1w
         from bidsharmony.image.resample import resample_onto
         from bidsharmony.image.standardise import apply_record
 
-        if not self.inputs.source:
-            raise ValueError("Standardise: a detail band needs the original T1w as source")
-        orig, data = load_t1w(self.inputs.source)
+        orig, data = self._source()
         native = apply_record(data, record)
         try:
             target = self.inputs.target_voxel if isdefined(self.inputs.target_voxel) else None
@@ -100,9 +140,17 @@ class Standardise(SimpleInterface):
                 "%s: detail level %.3f is still above the model's band (%.3f) after full denoising: the scan holds finer "
                 "detail or more noise than the target's images; consider --detail none (docs/method.md §8)",
                 self.inputs.source, detail["LevelReached"], detail["Band"][2])
+        return standardised.astype(np.float32), native, detail
+
+    def _write_native(self, native, runtime):
+        import nibabel as nb
+        import numpy as np
+
+        from bidsharmony.image.io import load_t1w
+
+        orig = load_t1w(self.inputs.source)[0]
         self._results["native_file"] = os.path.join(runtime.cwd, "native.nii")  # read once by Reassemble: not worth compressing
-        img = nb.Nifti1Image(native.astype(np.float32), orig.affine, header=orig.header)
+        img = nb.Nifti1Image(np.asarray(native, np.float32), orig.affine, header=orig.header)
         img.header.set_data_dtype(np.float32)
         img.header.set_slope_inter(1.0, 0.0)
         img.to_filename(self._results["native_file"])
-        return standardised.astype(np.float32), detail

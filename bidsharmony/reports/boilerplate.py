@@ -67,6 +67,21 @@ REFERENCES = {
         "Segmentation from Sparse Annotation}},\n  booktitle = {{Medical Image Computing and Computer-Assisted Intervention "
         "({{MICCAI}})}},\n  pages = {{424--432}},\n  year = {{2016}},\n  doi = {{10.1007/978-3-319-46723-8_49}}\n}}",
     ),
+    "n4": (
+        "Tustison NJ, Avants BB, Cook PA, Zheng Y, Egan A, Yushkevich PA, Gee JC. N4ITK: improved N3 bias correction. IEEE "
+        "Transactions on Medical Imaging. 2010;29(6):1310-1320. doi:10.1109/TMI.2010.2046908",
+        "@article{{tustison2010n4,\n  author = {{Tustison, Nicholas J. and Avants, Brian B. and Cook, Philip A. and Zheng, Yuanjie "
+        "and Egan, Alexander and Yushkevich, Paul A. and Gee, James C.}},\n  title = {{{{N4ITK}}: Improved {{N3}} Bias Correction}},\n"
+        "  journal = {{IEEE Transactions on Medical Imaging}},\n  volume = {{29}},\n  number = {{6}},\n  pages = {{1310--1320}},\n"
+        "  year = {{2010}},\n  doi = {{10.1109/TMI.2010.2046908}}\n}}",
+    ),
+    "efronmorris": (
+        "Efron B, Morris C. Stein's estimation rule and its competitors: an empirical Bayes approach. Journal of the American "
+        "Statistical Association. 1973;68(341):117-130. doi:10.1080/01621459.1973.10481350",
+        "@article{{efron1973stein,\n  author = {{Efron, Bradley and Morris, Carl}},\n  title = {{Stein's Estimation Rule and Its "
+        "Competitors: An Empirical {{Bayes}} Approach}},\n  journal = {{Journal of the American Statistical Association}},\n"
+        "  volume = {{68}},\n  number = {{341}},\n  pages = {{117--130}},\n  year = {{1973}},\n  doi = {{10.1080/01621459.1973.10481350}}\n}}",
+    ),
     "bhdiff": (
         "BlindHarmonyDiff: Efficient and robust 3D blind harmonization for large domain gaps. arXiv:2505.00133, 2025",
         "@misc{{blindharmonydiff2025,\n  title = {{Efficient and robust {{3D}} blind harmonization for large domain gaps}},\n"
@@ -223,7 +238,25 @@ def _standardisation_text(meta: dict) -> str:
     return ("Its intensities were then standardised onto the target's scale, volume-wide and before any slicing, with a "
             "piecewise-linear map through intensity landmarks in the manner of Nyúl et al. {nyul}: the image minimum and the "
             f"{pct}th percentiles of a region deep inside the head (no brain mask), mapped onto the mean landmarks of the "
-            "target's training images; the output is on that standard scale. " + _detail_text(std.get("Detail")))
+            "target's training images; the output is on that standard scale. " + _field_text(std.get("Field"))
+            + _detail_text(std.get("Detail")))
+
+
+def _field_text(field) -> str:
+    if not isinstance(field, dict):
+        return ""
+    if field.get("Skipped"):
+        return ("Its smooth intensity (bias) field was left as acquired: the field is estimated only where the detail stage "
+                "leaves an image alone, as noise, blur and tissue-contrast changes mislead the estimate. ")
+    text = ("Its smooth intensity (bias) field was then compared with the target scanner's: N4 {n4} estimated the field, and "
+            "its departure from the mean N4 field of the target's training images (on a coarse grid over the head) was "
+            "weighted by 1 − σ₀²/d² {efronmorris} (d²: the departure's mean square; σ₀²: the training images' own), here "
+            f"{float(field.get('Weight', 0)):.2f}")
+    if not float(field.get("Weight", 0)):
+        return text + ", so the field was left as acquired. "
+    lo, hi = (float(x) for x in field.get("CorrectionRange") or [1, 1])
+    return (text + f"; the acquired image was multiplied by the weighted correction (factors {lo:.3f}–{hi:.3f}, 1st–99th "
+            "percentile in the head) and standardised again, its landmarks measured on the same region. ")
 
 
 def _detail_text(detail) -> str:

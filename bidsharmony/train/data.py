@@ -78,6 +78,39 @@ def target_detail_band(prepared, subjects: set, landmarks) -> tuple[np.ndarray, 
     return fit_band(levels), voxel
 
 
+def target_field(prepared, subjects: set, landmarks, count: int, seed: int):
+    """The target's typical bias field (``bidsharmony.image.field.fit_typical``) from the native T1w of
+    up to ``count`` of ``subjects``' runs (a seeded choice), each standardised as harmonization
+    standardises a source: landmarks measured on its resampled volume, applied to its native voxels.
+    None with fewer than 2 runs (a between-subject variance needs two)."""
+    import time
+
+    import nibabel as nb
+
+    from bidsharmony.image.field import fit_typical
+    from bidsharmony.image.io import load_t1w
+    from bidsharmony.image.standardise import standardise, volume_landmarks
+
+    runs = sorted((run for run in prepared if run.subject in subjects), key=lambda r: r.source)
+    if len(runs) < 2:
+        LOG.warning("no typical bias field: it needs at least 2 training volumes, there are %d", len(runs))
+        return None
+    if len(runs) > count:
+        pick = np.random.default_rng(seed).choice(len(runs), count, replace=False)
+        runs = [runs[i] for i in sorted(pick)]
+    t0 = time.perf_counter()
+
+    def volumes():
+        for i, run in enumerate(runs):
+            img = nb.load(run.resampled)
+            source = volume_landmarks(np.asanyarray(img.dataobj, dtype=np.float32), zooms=img.header.get_zooms()[:3])
+            orig, data = load_t1w(run.source)
+            yield standardise(data, landmarks, source_landmarks=source), orig.affine
+            LOG.info("typical bias field: %d/%d volumes (%.0f s)", i + 1, len(runs), time.perf_counter() - t0)
+
+    return fit_typical(volumes())
+
+
 def load_slice_set(items) -> SliceSet:
     """items: iterable of (subject, slices.npy, record.npz). Keeps the slices that hold head."""
     from bidsharmony.flow.scaling import LEVELS

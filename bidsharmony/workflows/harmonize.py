@@ -21,10 +21,10 @@ from bidsharmony.space import DEFAULT, Space
 
 
 def init_slices_wf(*, space: Space = DEFAULT, omp_nthreads: int = 1, landmarks=None, detail_band=None, detail_voxel=None,
-                   detail_model=None,
+                   detail_model=None, field_model=None,
                    name: str = "slices_wf"):
-    """T1w -> canonical isotropic volume [-> standardised onto ``landmarks`` [-> detail-matched to
-    ``detail_band``]] -> normalised slices on the model grid.
+    """T1w -> canonical isotropic volume [-> standardised onto ``landmarks`` [-> a foreign bias field
+    undone -> detail-matched to ``detail_band``]] -> normalised slices on the model grid.
 
     The same nodes feed training and harmonization, so both see identical inputs.
 
@@ -45,11 +45,16 @@ def init_slices_wf(*, space: Space = DEFAULT, omp_nthreads: int = 1, landmarks=N
     detail_model : path or None
         A model folder holding a learned denoiser (``model_denoiser``), used above the band instead
         of non-local means; None: non-local means.
+    field_model : path or None
+        A model folder holding the target's typical field (``model_field``): the part of the
+        volume's field the target's images lack is undone on the native voxels, before detail
+        matching (they are standardised again after it); None: no field stage.
 
     Inputs: ``t1w``. Outputs: ``resampled`` (NIfTI: the volume the slices were cut from, standardised
     when ``landmarks`` are given), ``slices`` (.npy), ``record`` (.npz); with ``landmarks`` also
     ``unstandardised`` (the resampled volume before the map) and ``standardisation`` (the map, JSON);
-    with ``detail_band`` also ``native`` (the native voxels standardised and detail-matched).
+    with ``detail_band`` or ``field_model`` also ``native`` (the native voxels standardised, their
+    field undone and detail-matched).
     """
     wf = pe.Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(fields=["t1w"]), name="inputnode")
@@ -71,12 +76,15 @@ def init_slices_wf(*, space: Space = DEFAULT, omp_nthreads: int = 1, landmarks=N
         return wf
     standard, percentiles = landmarks
     standardise = pe.Node(Standardise(standard=[float(x) for x in standard], percentiles=percentiles), name="standardise", mem_gb=1.5)
+    if field_model is not None:
+        standardise.inputs.field_model = str(field_model)
     if detail_band is not None:
         standardise.inputs.band = [float(x) for x in detail_band]
         if detail_voxel is not None:
             standardise.inputs.target_voxel = [float(x) for x in detail_voxel]
         if detail_model is not None:
             standardise.inputs.denoiser_model = str(detail_model)
+    if detail_band is not None or field_model is not None:
         wf.connect([(standardise, outputnode, [("native_file", "native")])])
     wf.connect([
         (inputnode, standardise, [("t1w", "source")]),
@@ -129,6 +137,24 @@ def resolve_denoiser(requested: str, detail: str, config: dict, model) -> str:
     if requested == "learned" and not has_denoiser(config):
         raise ModelError(f"{model}: the model holds no learned denoiser; retrain it (train --denoiser-steps) or pass --denoiser non-local-means")
     return "non-local-means" if requested == "non-local-means" or not has_denoiser(config) else "learned"
+
+
+def resolve_field(requested: str, detail: str, config: dict, model) -> str:
+    """``n4-typical`` or ``none``: ``auto`` undoes the foreign field where the model holds the
+    target's typical field and the detail stage runs (its level gates the field: N4 is trusted only
+    on volumes the detail stage leaves alone, ``image.field``); ``n4-typical`` otherwise is refused."""
+    from bidsharmony.errors import ModelError
+    from bidsharmony.flow.checkpoint import has_field
+
+    if requested == "none":
+        return "none"
+    if detail != "match" or not has_field(config):
+        if requested == "n4-typical":
+            why = ("needs the detail stage (its level decides where N4 can be trusted); drop --detail none" if detail != "match"
+                   else "the model holds no typical field; refit it (benchmarks/fit_field.py)")
+            raise ModelError(f"{model}: --field n4-typical {why}, or pass --field none")
+        return "none"
+    return "n4-typical"
 
 
 def resolve_standardise(requested: str, config: dict, model) -> str:
@@ -191,6 +217,7 @@ def init_harmonize_wf(
             raise ModelError(f"{model}: the model has no intensity landmarks in its weights; retrain it or pass --standardise none")
     params.detail, band, detail_voxel = resolve_detail(params.detail, params.standardise, model, read)
     params.denoiser = resolve_denoiser(params.denoiser, params.detail, config, model)
+    params.field = resolve_field(params.field, params.detail, config, model)
     params = params.to_dict()
     wf = pe.Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(fields=["t1w"]), name="inputnode")
@@ -202,6 +229,7 @@ def init_harmonize_wf(
         detail_band=band,
         detail_voxel=detail_voxel,
         detail_model=model if params["denoiser"] == "learned" else None,
+        field_model=model if params["field"] == "n4-typical" else None,
     )
     harmonize = pe.Node(
         Harmonize(model=str(model), params=params, device=device, num_threads=omp_nthreads),
@@ -224,6 +252,6 @@ def init_harmonize_wf(
             (slices_wf, harmonize, [("outputnode.standardisation", "standardisation"), ("outputnode.unstandardised", "unstandardised")]),
             (slices_wf, reassemble, [("outputnode.standardisation", "standardisation")]),
         ])  # fmt: skip
-    if params["detail"] == "match":
+    if params["detail"] == "match" or params["field"] == "n4-typical":
         wf.connect([(slices_wf, reassemble, [("outputnode.native", "native")])])
     return wf

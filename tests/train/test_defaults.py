@@ -16,7 +16,7 @@ from bidsharmony.train.data import SliceSet, split_by_subject
 from bidsharmony.train.loop import progress_line
 
 TRAIN = ["train", "--preset", "tiny", "--steps", "4", "--train-batch-size", "2", "--val-every", "2",
-         "--checkpoint-every", "2", "--nprocs", "1", "--device", "cpu", "--skip-bids-validation", "--denoiser-steps", "0"]  # fmt: skip
+         "--checkpoint-every", "2", "--nprocs", "1", "--device", "cpu", "--skip-bids-validation", "--denoiser-steps", "0", "--field-volumes", "0"]  # fmt: skip
 
 
 def _opts(**kw):

@@ -12,7 +12,7 @@ simulated scanners and is scored by volume PSNR in the brain against the truth:
   field only where the detail stage left the volume alone (its level in the target's band), as a gain
   over the detail stage alone.
 
-    python benchmarks/field_probe.py [--train-subjects 30] [--eval-subjects 4] [--cache DIR]
+    python benchmarks/field_probe.py [--train-subjects 30] [--eval-subjects 4] [--cache DIR] [--shipped]
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import nibabel as nb
 import numpy as np
 
 from benchmarks.quality import run, scores
-from bidsharmony.flow.checkpoint import model_denoiser, model_detail_band, model_detail_voxel, model_landmarks, read_folder
+from bidsharmony.flow.checkpoint import model_denoiser, model_detail_band, model_detail_voxel, model_field, model_landmarks, read_folder
 from bidsharmony.image import field
 from bidsharmony.image.detail import match_detail
 from bidsharmony.image.resample import resample_isotropic
@@ -67,6 +67,7 @@ def main() -> None:
     p.add_argument("--scanners", default=",".join(SCANNERS))
     p.add_argument("--cache", type=Path, default=None, help="keep the TRAIN heads' N4 grids here (N4 takes ~17 s a volume)")
     p.add_argument("--components", type=int, default=field.COMPONENTS, help="principal components of the heads' own fields kept")
+    p.add_argument("--shipped", action="store_true", help="use the shipped model's own typical field (its 30 field subjects) instead of fitting one")
     p.add_argument("--name", default="field_probe")
     args = p.parse_args()
     common.setup(args)
@@ -84,7 +85,10 @@ def main() -> None:
     validation = ["sub-" + s for s in cfg["training_data"]["subjects_validation"]]
     held = validation[: args.eval_subjects]
     train = [s for s in sorted(json.loads((DATA / "splits.json").read_text())["train"]) if s not in validation][: args.train_subjects]
-    typ = typical(train, landmarks, args.cache, args.components)
+    if args.shipped:
+        typ, train = model_field(MODEL, read), ["sub-" + s for s in cfg["preprocessing"]["field"]["subjects"]]
+    else:
+        typ = typical(train, landmarks, args.cache, args.components)
     t_train = time.perf_counter() - t0
     cols = ["standardised (dB)", "+ field", "w", "seconds", "detail stage alone (dB)", "detail action", "pipeline: + field where in band"]
     results: dict[tuple[str, str], list] = {}
@@ -129,7 +133,7 @@ def main() -> None:
          "Gains in volume PSNR (dB) in the brain: '+ field' over the standardised volume (the stage on every volume), the last "
          "column over the detail stage alone (the pipeline: the field only where the detail stage did nothing, else +0). "
          "Means over the heads; w: the shrinkage weight.",
-         f"Typical fields from {len(train)} IXI-HH TRAIN volumes (validation subjects excluded), {len(typ.n4_basis)} principal "
+         f"Typical field {'of the shipped model, ' if args.shipped else ''}from {len(train)} IXI-HH TRAIN volumes (validation subjects excluded), {len(typ.n4_basis)} principal "
          f"components of their own fields; a left-out head's leftover σ₀² = {typ.n4_var:.5f}; "
          f"{t_train:.0f} s (or read from --cache).",
          f"Whole run {time.perf_counter() - t0:.0f} s."],

@@ -54,18 +54,22 @@ class Standardise(SimpleInterface):
             raise ImageError(f"{self.inputs.source or self.inputs.in_file}: cannot standardise its intensities ({e})") from None
         standardised = std.standardise(volume, standard, percentiles, source_landmarks=source)
         record = std.record(source, standard, percentiles)
-        native = None
+        if not (isdefined(self.inputs.band) or isdefined(self.inputs.field_model)):
+            native = None
+        else:  # both stages act on the original T1w's voxels, put through the same map: read and mapped once
+            orig, data = self._source()
+            native = std.apply_record(data, record)
         if isdefined(self.inputs.band):
-            standardised, native, record["Detail"] = self._match_detail(standardised, img.affine, record)
+            standardised, native, record["Detail"] = self._match_detail(standardised, img.affine, orig, native)
         if isdefined(self.inputs.field_model):
-            if native is not None and record["Detail"]["Action"] != "none":
+            if "Detail" in record and record["Detail"]["Action"] != "none":
                 # Noise, blur and tissue contrast mislead N4, and each moves the detail level out of the band.
                 record["Field"] = {"Method": "n4-typical", "Weight": 0.0, "Skipped": "the detail stage changed the volume"}
             else:
                 zooms = img.header.get_zooms()[:3]
-                standardised, native, record["Field"] = self._undo_field(volume, zooms, standardised, img.affine, record)
+                standardised, native, record["Field"] = self._undo_field(volume, zooms, standardised, img.affine, orig, data, native)
         if native is not None:
-            self._write_native(native, runtime)
+            self._write_native(native, orig, runtime)
         out = nb.Nifti1Image(standardised, img.affine)
         out.header.set_xyzt_units("mm")
         self._results["out_file"] = os.path.join(runtime.cwd, "standardised.nii.gz")
@@ -83,21 +87,20 @@ class Standardise(SimpleInterface):
             raise ValueError("Standardise: the field and detail stages need the original T1w as source")
         return load_t1w(self.inputs.source)
 
-    def _undo_field(self, volume, zooms, standardised, affine, record):
-        """The foreign part of the native voxels' field undone (``image.field.undo``), their landmarks measured
-        again on this grid's first landmark region: returns (this grid's volume, the native volume, the
-        field's record)."""
+    def _undo_field(self, volume, zooms, standardised, affine, orig, data, native):
+        """The foreign part of the native voxels' field undone (``image.field.undo``: ``data`` as acquired,
+        ``native`` through the first map), their landmarks measured again on this grid's first landmark
+        region: returns (this grid's volume, the native volume, the field's record)."""
         import numpy as np
 
         from bidsharmony.errors import ImageError
         from bidsharmony.flow.checkpoint import model_field
         from bidsharmony.image import field
         from bidsharmony.image.resample import resample_onto
-        from bidsharmony.image.standardise import apply_record, landmark_region
+        from bidsharmony.image.standardise import landmark_region
 
-        orig, data = self._source()
         try:
-            native, rec = field.undo(data, orig.affine, apply_record(data, record), model_field(self.inputs.field_model),
+            native, rec = field.undo(data, orig.affine, native, model_field(self.inputs.field_model),
                                      np.asarray(self.inputs.standard, np.float64), list(self.inputs.percentiles),
                                      (volume.shape, affine), landmark_region(volume, zooms))
         except ValueError as e:
@@ -106,8 +109,8 @@ class Standardise(SimpleInterface):
             return standardised, native, rec
         return resample_onto(native, orig.affine, volume.shape, affine).astype(np.float32), native, rec
 
-    def _match_detail(self, standardised, affine, record):
-        """Match the native voxels' detail level (standardised with the same map) on this grid; returns
+    def _match_detail(self, standardised, affine, orig, native):
+        """Match the native voxels' detail level (``native``: standardised with the same map) on this grid; returns
         (this grid's volume: unchanged where the level was in the band, else the matched native volume
         resampled here; the native volume; the matching's record)."""
         import numpy as np
@@ -115,10 +118,7 @@ class Standardise(SimpleInterface):
         from bidsharmony.errors import ImageError
         from bidsharmony.image.detail import match_detail
         from bidsharmony.image.resample import resample_onto
-        from bidsharmony.image.standardise import apply_record
 
-        orig, data = self._source()
-        native = apply_record(data, record)
         try:
             target = self.inputs.target_voxel if isdefined(self.inputs.target_voxel) else None
             denoiser = None
@@ -142,13 +142,10 @@ class Standardise(SimpleInterface):
                 self.inputs.source, detail["LevelReached"], detail["Band"][2])
         return standardised.astype(np.float32), native, detail
 
-    def _write_native(self, native, runtime):
+    def _write_native(self, native, orig, runtime):
         import nibabel as nb
         import numpy as np
 
-        from bidsharmony.image.io import load_t1w
-
-        orig = load_t1w(self.inputs.source)[0]
         self._results["native_file"] = os.path.join(runtime.cwd, "native.nii")  # read once by Reassemble: not worth compressing
         img = nb.Nifti1Image(np.asarray(native, np.float32), orig.affine, header=orig.header)
         img.header.set_data_dtype(np.float32)

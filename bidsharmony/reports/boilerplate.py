@@ -248,10 +248,11 @@ def _field_text(field) -> str:
     if field.get("Skipped"):
         return ("Its smooth intensity (bias) field was left as acquired: the field is estimated only where the detail stage "
                 "leaves an image alone, as noise, blur and tissue-contrast changes mislead the estimate. ")
-    text = ("Its smooth intensity (bias) field was then compared with the target scanner's: N4 {n4} estimated the field, and "
-            "its departure from the mean N4 field of the target's training images (on a coarse grid over the head) was "
-            "weighted by 1 − σ₀²/d² {efronmorris} (d²: the departure's mean square; σ₀²: the training images' own), here "
-            f"{float(field.get('Weight', 0)):.2f}")
+    text = ("Its smooth intensity (bias) field was then compared with the target scanner's: N4 {n4} estimated the field on a "
+            "coarse grid over the head; the part of it the target's training images' own N4 fields explain (their mean and "
+            f"{int(field.get('Components', 0))} principal components) was kept, and what was left over was corrected only if "
+            "larger than any training image's own leftover, then weighted by 1 − σ₀²/d² {efronmorris} (d²: the leftover's "
+            f"mean square; σ₀²: the training images' own), here {float(field.get('Weight', 0)):.2f}")
     if not float(field.get("Weight", 0)):
         return text + ", so the field was left as acquired. "
     lo, hi = (float(x) for x in field.get("CorrectionRange") or [1, 1])

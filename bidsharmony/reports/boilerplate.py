@@ -251,8 +251,8 @@ def _field_text(field) -> str:
     text = ("Its smooth intensity (bias) field was then compared with the target scanner's: N4 {n4} estimated the field on a "
             "coarse grid over the head; the part of it the target's training images' own N4 fields explain (their mean and "
             f"{int(field.get('Components', 0))} principal components) was kept, and what was left over was corrected only if "
-            "larger than any training image's own leftover, then weighted by 1 − σ₀²/d² {efronmorris} (d²: the leftover's "
-            f"mean square; σ₀²: the training images' own), here {float(field.get('Weight', 0)):.2f}")
+            "larger than any training image's own leftover (d²_max), weighted by 1 − d²_max/d² {efronmorris} (d²: the "
+            f"leftover's mean square), here {float(field.get('Weight', 0)):.2f}")
     if not float(field.get("Weight", 0)):
         return text + ", so the field was left as acquired. "
     lo, hi = (float(x) for x in field.get("CorrectionRange") or [1, 1])

@@ -126,7 +126,22 @@ def test_own_fields_are_told_from_foreign_ones_by_their_shape_not_their_size():
 
     assert weight(typical, own) == 0 and weight(typical, foreign) > 0.95  # the own head within the gate
     by_size = field.fit_from_grids(heads, components=0)
-    assert weight(by_size, own) > 0.3  # the size alone: the own head, twice as far as is typical, looks foreign
+    assert weight(by_size, own) > 0  # the size alone: the own head, twice as far as is typical, passes the gate
+
+
+def test_the_weight_rises_continuously_from_the_gate():
+    """Past the gate the weight starts at 0 (a head at the gate's edge is barely touched: with 1 − σ₀²/d² past a hard
+    gate it jumped to 0.45 there), and it is 1 − d²_max/d² beyond."""
+    typical = field.TypicalField(np.zeros((field.GRID,) * 3, np.float32), n4_var=0.002, volumes=30, n4_gate=0.0035)
+
+    def weight(d2):
+        return typical.weight(np.full((field.GRID,) * 3, np.sqrt(d2), np.float32))
+
+    assert weight(0.0030) == (pytest.approx(0.0030), 0.0)
+    assert weight(0.0035 * 1.01)[1] < 0.011
+    assert weight(0.0070)[1] == pytest.approx(0.5, abs=1e-4)
+    ungated = field.TypicalField(typical.n4_mean, n4_var=0.002, volumes=30)  # a model fitted without a gate
+    assert ungated.weight(np.full((field.GRID,) * 3, np.sqrt(0.004), np.float32))[1] == pytest.approx(0.5, abs=1e-4)
 
 
 def test_the_field_option_resolves_against_the_model():

@@ -449,6 +449,7 @@ def test_the_methods_paragraph_states_what_the_field_stage_did():
     done = boilerplate.plain({**base, "Standardisation": {"Method": "piecewise-linear", "Field": field}})
     body, refs = done.split("\nReferences\n", 1)
     assert "8 principal components" in body and "larger than any training image's own leftover" in body
+    assert "1 − d²_max/d²" in body  # the weight the stage computes (not the hard gate's 1 − σ₀²/d²)
     assert "here 0.68" in body and "0.850–1.200" in body
     assert "N4ITK" in refs and "Stein's estimation rule" in refs
     skipped = boilerplate.plain({**base, "Standardisation": {"Method": "piecewise-linear", "Field": {

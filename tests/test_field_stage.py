@@ -1,6 +1,6 @@
 """The bias-field stage in the pipeline: the train level fits the target's typical field on its
 training volumes only, as harmonization standardises them; ``--field none`` and models without a
-typical field run without it; the sidecar states what the stage did. Real Nipype, real antspyx N4,
+typical field run without it (the default runs it where the model holds one); the sidecar states what the stage did. Real Nipype, real antspyx N4,
 the tiny model."""
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def test_field_none_and_models_without_a_typical_field(tiny_model, example_bids,
     with pytest.raises(ModelError, match="no typical field"):
         init_harmonize_wf(model=tmp_path / "old", params={"field": "n4-typical"})
     assert init_harmonize_wf(model=tmp_path / "old", params={"field": "auto"}).get_node("harmonize").inputs.params["field"] == "none"
-    assert init_harmonize_wf(model=tiny_model, params={}).get_node("harmonize").inputs.params["field"] == "none"  # opt-in
+    assert init_harmonize_wf(model=tiny_model, params={}).get_node("harmonize").inputs.params["field"] == "n4-typical"  # the default
     old_out, old = _harmonize(tmp_path / "old", t1w, tmp_path / "old-run")
     assert "Field" not in old["Standardisation"]  # a model without a typical field: as --field none
     np.testing.assert_allclose(np.asanyarray(nb.load(old_out).dataobj), np.asanyarray(nb.load(out).dataobj), atol=1e-5)

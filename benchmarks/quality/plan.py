@@ -4,11 +4,11 @@ report writer."""
 
 LOOP = ["--iterations", "10"]  # the published loop's length (the default runs none)
 ABLATIONS = {
-    # The default is the standardisation and detail matching; each row removes, adds or changes one thing.
-    "standardise": ("the standardisation alone (no detail matching)", ["--detail", "none"]),
-    "field": ("standardisation + detail matching + the bias-field stage (`--field auto`, not the default)", ["--field", "auto"]),
-    "nlm": ("standardisation + detail matching with non-local means (no learned denoiser)", ["--denoiser", "non-local-means"]),
-    "loop": ("standardisation + detail matching + the published loop (10 iterations)", LOOP),
+    # The default is the standardisation, detail matching and the bias-field stage; each row removes, adds or changes one thing.
+    "standardise": ("the standardisation alone (no detail matching, hence no field stage)", ["--detail", "none"]),
+    "field": ("standardisation + detail matching, without the bias-field stage (`--field none`)", ["--field", "none"]),
+    "nlm": ("the default with non-local means (no learned denoiser)", ["--denoiser", "non-local-means"]),
+    "loop": ("the default + the published loop (10 iterations)", LOOP),
     "published": ("the published method (no standardisation, no detail matching, the loop)", ["--standardise", "none", *LOOP]),
     "beta_fid0": ("loop, β_fid = 0", [*LOOP, "--beta-fidelity", "0"]),
     "beta_grad0": ("loop, β_grad = 0", [*LOOP, "--beta-gradient", "0"]),

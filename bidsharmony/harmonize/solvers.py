@@ -57,7 +57,7 @@ class HarmonizeParams:
     # Which denoiser the detail stage uses above the band (docs/method.md §8).
     denoiser: str = "auto"
     # Before detail matching, undo the part of a smooth intensity field the target's images lack (docs/method.md §9).
-    field: str = "none"
+    field: str = "auto"
 
     def validate(self) -> "HarmonizeParams":
         if self.similarity not in SIMILARITIES:

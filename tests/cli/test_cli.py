@@ -160,7 +160,7 @@ def test_sidecars_record_provenance(participant_run, tiny_model):
             "standardise": "landmarks",  # auto, resolved: the model train wrote has landmarks
             "detail": "match",  # auto, resolved: and a detail band
             "denoiser": "learned",  # auto, resolved: and a learned denoiser
-            "field": "none",  # the bias-field stage is opt-in, though the model holds a typical field
+            "field": "n4-typical",  # auto, resolved: and a typical field
         }  # fmt: skip
         assert meta["SoftwareVersion"] == __version__ and meta["Device"] == "cpu"
         assert meta["HarmonizationSeconds"] > 0 and 0 < meta["SlicesHarmonized"] <= meta["SlicesTotal"]

@@ -9,8 +9,8 @@ by w towards the nearest field the target's heads span, on the acquired intensit
 afresh on the first grid and region) and scored by volume PSNR in the brain against the truth:
 
 - ``size``: w = max(0, 1 − σ₀²/d²), the departure's size alone (the first version of the stage);
-- ``gate``: w = 0 up to the largest leftover of any left-out TRAIN head, then 1 − σ₀²/d² (the stage);
-- ``soft``: w = max(0, 1 − d²_max/d²), continuous, the gate's threshold as σ₀².
+- ``gate``: w = 0 up to the largest leftover of any left-out TRAIN head, then 1 − σ₀²/d² (the stage's second version);
+- ``soft``: w = max(0, 1 − d²_max/d²), continuous, the gate's threshold as σ₀² (the stage now).
 
 No scanner with noise, blur or a tissue-contrast change is scored: the pipeline runs the field stage
 only where the detail stage left the volume alone, which those move out of the target's band.
@@ -41,12 +41,12 @@ RULES = ("size", "gate", "soft")
 
 
 def weight(rule: str, grid: np.ndarray, typical: field.TypicalField) -> float:
-    d2, gated = typical.weight(grid)
+    d2, _ = typical.weight(grid)
     if rule == "size":
         return max(0.0, 1.0 - typical.n4_var / d2)
     if rule == "soft":
         return max(0.0, 1.0 - typical.n4_gate / d2)
-    return gated
+    return max(0.0, 1.0 - typical.n4_var / d2) if d2 > typical.n4_gate else 0.0
 
 
 def train_grids(subjects, landmarks, cache: Path | None) -> np.ndarray:

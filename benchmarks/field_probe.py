@@ -6,7 +6,7 @@ shipped model's validation subjects, used by none of its trainings) goes through
 simulated scanners and is scored by volume PSNR in the brain against the truth:
 
 * ``field``: the stage on every volume (``field.undo``: N4's field beyond what the target's own heads
-  span, shrunk by w = 1 − σ₀²/d², undone on the source's own intensities, then standardised afresh on the first
+  span, shrunk by w = 1 − d²_max/d², undone on the source's own intensities, then standardised afresh on the first
   standardisation's grid and region), as a gain over the standardised volume;
 * the pipeline's order: the detail stage (learned denoiser behind its gate, or sharpening), then the
   field only where the detail stage left the volume alone (its level in the target's band), as a gain

@@ -91,9 +91,9 @@ def main() -> None:
     common.write_results(
         args, "cpu", args.name, "Probe: a per-tissue gain with a blind class map on the tissue-contrast scanner (oracle gains)",
         common.table(["correction", "volume PSNR (dB)", "over the standardisation", "per head"], rows),
-        [f"Held-out TRAIN subjects: {', '.join(held_out)} (the shipped model's validation subjects); volume PSNR in the brain "
-         "against the truth (capped at 99 dB). Gains: the simulator's own (CSF ×1.6, GM ×1.15, WM ×0.95), spread by the "
-         "posteriors of a 3-class mixture of the standardised intensities, smoothed by σ voxels; the source divided by them.",
+        [(f"Held-out TRAIN subjects: {', '.join(held_out)} (the shipped model's validation subjects); volume PSNR in the brain "
+          "against the truth (capped at 99 dB). Gains: the simulator's own (CSF ×1.6, GM ×1.15, WM ×0.95), spread by the "
+          "posteriors of a 3-class mixture of the standardised intensities, smoothed by σ voxels; the source divided by them."),
          f"Whole run {time.perf_counter() - t0:.0f} s."],
         {"psnr_vol": found, "subjects": held_out})
 

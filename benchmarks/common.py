@@ -177,3 +177,31 @@ def rewrite_model_folder(folder: Path, tensors: dict, cfg: dict, keep_card: bool
     write_folder(folder, tensors, {k: v for k, v in cfg.items() if k != "weights_sha256"})
     for name, data in kept.items():
         (folder / name).write_bytes(data)
+
+
+def field_grids(data: Path, subjects: list[str], landmarks, path: Path | None = None):
+    """(n, G, G, G) N4 log-field grids (``bidsharmony.image.field.head_grid``) of the target's ``subjects`` (labels
+    without ``sub-``) in the BIDS dataset ``data``, each standardised onto ``landmarks`` as harmonization
+    standardises it. N4 takes ~17 s a volume, so ``path`` (an .npz) keeps them: read when it holds these
+    subjects, else written."""
+    import numpy as np
+
+    from benchmarks.quality import run
+    from bidsharmony.image.field import head_grid
+    from bidsharmony.image.io import load_t1w
+    from bidsharmony.image.standardise import grid_landmarks, standardise
+
+    if path is not None and path.is_file():
+        kept = np.load(path)
+        if list(kept["subjects"]) == list(subjects):
+            return kept["grids"]
+    t0, grids = time.perf_counter(), []
+    for i, sub in enumerate(subjects):
+        img, v = load_t1w(run.t1w_path(data, f"sub-{sub}"))
+        grids.append(head_grid(standardise(v, landmarks, source_landmarks=grid_landmarks(v, img.affine)[0]), img.affine))
+        print(f"N4 grid {i + 1}/{len(subjects)}: sub-{sub} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    grids = np.array(grids)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(path, grids=grids, subjects=np.array(subjects))
+    return grids

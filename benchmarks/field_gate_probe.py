@@ -31,7 +31,7 @@ from benchmarks.quality import run, scores
 from bidsharmony.flow.checkpoint import model_landmarks, read_folder
 from bidsharmony.image import field
 from bidsharmony.image.resample import resample_isotropic, resample_onto
-from bidsharmony.image.standardise import PERCENTILES, grid_landmarks, landmark_region, standardise, volume_landmarks
+from bidsharmony.image.standardise import PERCENTILES, landmark_region, standardise, volume_landmarks
 from bidsharmony.simulation import simulate
 
 DATA = common.REPO.parent / "shared" / "data" / "ixi-hh"
@@ -47,22 +47,6 @@ def weight(rule: str, grid: np.ndarray, typical: field.TypicalField) -> float:
     if rule == "soft":
         return max(0.0, 1.0 - typical.n4_gate / d2)
     return max(0.0, 1.0 - typical.n4_var / d2) if d2 > typical.n4_gate else 0.0
-
-
-def train_grids(subjects, landmarks, cache: Path | None) -> np.ndarray:
-    path = cache / f"train-{len(subjects)}.npz" if cache else None
-    if path is not None and path.is_file() and list(np.load(path)["subjects"]) == list(subjects):
-        return np.load(path)["grids"]
-    grids = []
-    for sub in subjects:
-        p = run.t1w_path(DATA, f"sub-{sub}")
-        affine, v = nb.as_closest_canonical(nb.load(str(p))).affine, run.load_canonical(p)
-        grids.append(field.head_grid(standardise(v, landmarks, source_landmarks=grid_landmarks(v, affine)[0]), affine))
-        print(f"TRAIN {sub}", flush=True)
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(path, grids=np.array(grids), subjects=np.array(subjects))
-    return np.array(grids)
 
 
 def main() -> None:
@@ -81,7 +65,8 @@ def main() -> None:
     landmarks, _ = model_landmarks(MODEL, read)
     subjects = cfg["preprocessing"]["field"]["subjects"]
     held = ["sub-" + s for s in cfg["training_data"]["subjects_validation"][: args.eval_subjects]]
-    grids = train_grids(subjects[:5] if args.quick else subjects, landmarks, args.cache)
+    fit_on = subjects[:5] if args.quick else subjects
+    grids = common.field_grids(DATA, fit_on, landmarks, args.cache / f"train-{len(fit_on)}.npz" if args.cache else None)
     fits = {k: field.fit_from_grids(grids, k) for k in args.components}
     results: dict[tuple, list] = {}
     for sub in held:
@@ -124,9 +109,9 @@ def main() -> None:
         args, "cpu", args.name, "Probe: the bias-field stage's components and weight, held-out heads",
         common.table(["K", "weight", "σ₀²", "gate d²_max", *[s + (" (a field)" if s == "bias" else "") for s in SCANNERS],
                       "worst case without a field (dB)"], rows),
-        [f"Held-out heads: {', '.join(held)} (the shipped model's validation subjects, TRAIN split, used by none of its trainings). "
-         "Cells: mean gain in volume PSNR (dB) in the brain over the standardised volume, and (mean w). "
-         f"Own fields from the N4 grids of the model's {len(grids)} field subjects (TRAIN); σ₀² and the gate by leaving each out.",
+        [(f"Held-out heads: {', '.join(held)} (the shipped model's validation subjects, TRAIN split, used by none of its trainings). "
+          "Cells: mean gain in volume PSNR (dB) in the brain over the standardised volume, and (mean w). "
+          f"Own fields from the N4 grids of the model's {len(grids)} field subjects (TRAIN); σ₀² and the gate by leaving each out."),
          f"Whole run {time.perf_counter() - t0:.0f} s."],
         {"results": {f"{s}|{k}|{r}": v for (s, k, r), v in results.items()}, "held_out": held,
          "fits": {str(k): {"n4_var": t.n4_var, "n4_gate": t.n4_gate} for k, t in fits.items()}})

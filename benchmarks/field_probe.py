@@ -26,11 +26,18 @@ import nibabel as nb
 import numpy as np
 
 from benchmarks.quality import run, scores
-from bidsharmony.flow.checkpoint import model_denoiser, model_detail_band, model_detail_voxel, model_field, model_landmarks, read_folder
+from bidsharmony.flow.checkpoint import (
+    model_denoiser,
+    model_detail_band,
+    model_detail_voxel,
+    model_field,
+    model_landmarks,
+    read_folder,
+)
 from bidsharmony.image import field
 from bidsharmony.image.detail import match_detail
 from bidsharmony.image.resample import resample_isotropic
-from bidsharmony.image.standardise import PERCENTILES, grid_landmarks, landmark_region, standardise, volume_landmarks
+from bidsharmony.image.standardise import PERCENTILES, landmark_region, standardise, volume_landmarks
 from bidsharmony.simulation import SCANNERS as KNOWN
 from bidsharmony.simulation import simulate
 
@@ -41,23 +48,7 @@ SCANNERS = ("bias", "truth", "gamma0p7", "gamma1p5", "exp", "noise", "blur", "co
 
 def typical(subjects, landmarks, cache: Path | None, components: int) -> field.TypicalField:
     path = cache / f"typical-grids-{len(subjects)}.npz" if cache else None
-    if path is not None and path.is_file():
-        z = np.load(path)
-        if list(z["subjects"]) == list(subjects):
-            return field.fit_from_grids(z["grids"], components)
-
-    def grid(sub):
-        p = run.t1w_path(DATA, sub)
-        affine = nb.as_closest_canonical(nb.load(str(p))).affine
-        v = run.load_canonical(p)
-        print(f"TRAIN {sub}", flush=True)
-        return field.head_grid(standardise(v, landmarks, source_landmarks=grid_landmarks(v, affine)[0]), affine)
-
-    grids = np.array([grid(sub) for sub in subjects])
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(path, grids=grids, subjects=np.array(subjects))
-    return field.fit_from_grids(grids, components)
+    return field.fit_from_grids(common.field_grids(DATA, [s.removeprefix("sub-") for s in subjects], landmarks, path), components)
 
 
 def main() -> None:

@@ -21,15 +21,12 @@ import logging
 import time
 from pathlib import Path
 
+import common
 import numpy as np
 import torch
-from common import rewrite_model_folder
 
-from benchmarks.quality import run
 from bidsharmony.flow.checkpoint import model_landmarks, read_folder
-from bidsharmony.image.field import BASIS, COMPONENTS, EXTRAS, fit_from_grids, head_grid
-from bidsharmony.image.io import load_t1w
-from bidsharmony.image.standardise import grid_landmarks, standardise
+from bidsharmony.image.field import BASIS, COMPONENTS, EXTRAS, fit_from_grids
 
 
 def main() -> None:
@@ -50,27 +47,12 @@ def main() -> None:
     if len(subjects) > args.volumes:
         subjects = [subjects[i] for i in sorted(np.random.default_rng(args.seed).choice(len(subjects), args.volumes, replace=False))]
     t0 = time.perf_counter()
-
-    def grid(i, sub):
-        img, data = load_t1w(run.t1w_path(args.data, f"sub-{sub}"))
-        std = standardise(data, landmarks, source_landmarks=grid_landmarks(data, img.affine)[0])
-        out = head_grid(std, img.affine)
-        logging.info("typical field: %d/%d volumes (%.0f s)", i + 1, len(subjects), time.perf_counter() - t0)
-        return out
-
-    kept = np.load(args.grids) if args.grids is not None and args.grids.is_file() else None
-    if kept is not None and list(kept["subjects"]) == subjects:
-        grids = kept["grids"]
-        logging.info("typical field: the N4 grids of %d subjects read from %s", len(subjects), args.grids)
-    else:
-        grids = np.array([grid(i, sub) for i, sub in enumerate(subjects)])
-        if args.grids is not None:
-            np.savez(args.grids, grids=grids, subjects=np.array(subjects))
+    grids = common.field_grids(args.data, subjects, landmarks, args.grids)
     typical = fit_from_grids(grids, args.components)
     cfg["preprocessing"]["field"] = {**typical.model_entry(), "subjects": subjects}
     tensors = {k: v for k, v in tensors.items() if k.removeprefix("extra.") not in (*EXTRAS, BASIS)}
     tensors.update({f"extra.{k}": torch.as_tensor(v) for k, v in typical.to_extras().items()})
-    rewrite_model_folder(args.model, tensors, cfg, args.keep_card)
+    common.rewrite_model_folder(args.model, tensors, cfg, args.keep_card)
     print(f"written {args.model} in {time.perf_counter() - t0:.0f} s (N4 variance {typical.n4_var:.5f}; subjects {json.dumps(subjects)})")
 
 

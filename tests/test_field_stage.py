@@ -1,7 +1,7 @@
 """The bias-field stage in the pipeline: the train level fits the target's typical field on its
-training volumes only, as harmonization standardises them; ``--field none`` and models without a
-typical field run without it (the default runs it where the model holds one); the sidecar states what the stage did. Real Nipype, real antspyx N4,
-the tiny model."""
+training volumes only, as harmonization standardises them; the default runs the stage where the
+model holds a typical field, ``--field none`` and models without one run without it; the sidecar
+states what the stage did. Real Nipype, real antspyx N4, the tiny model."""
 
 from __future__ import annotations
 

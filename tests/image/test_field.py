@@ -1,9 +1,9 @@
-"""The bias-field stage (``bidsharmony.image.field``): on real IXI-HH heads (where present), a foreign
-smooth field is largely undone while a target head of its own is left nearly alone (the shipped model's
-typical field), and without a
-correction the stage is exactly the first standardisation; the answer does not depend on the voxel
-order; the typical field travels through a model folder unchanged, and a folder whose entry and
-weights disagree is refused."""
+"""The bias-field stage (``bidsharmony.image.field``): on a real IXI-HH head (where present), judged
+against the shipped model's typical field, a foreign smooth field is largely undone while the head's
+own is left nearly alone, and without a correction the stage is exactly the first standardisation;
+the answer does not depend on the voxel order; the weight rises continuously from the gate; the
+typical field travels through a model folder unchanged, and a folder whose entry and weights
+disagree is refused."""
 
 from __future__ import annotations
 
@@ -13,10 +13,11 @@ import pytest
 import torch
 
 from bidsharmony.errors import ModelError
-from bidsharmony.flow.checkpoint import has_field, model_field
+from bidsharmony.flow.checkpoint import has_field, model_field, model_landmarks, read_folder
 from bidsharmony.image import field
 from bidsharmony.image.resample import resample_isotropic
 from bidsharmony.image.standardise import PERCENTILES, landmark_region, standardise, volume_landmarks
+from bidsharmony.models import default_model
 from bidsharmony.simulation import smooth_field
 from bidsharmony.workflows.harmonize import resolve_field
 from tests.conftest import SHARED_DATA
@@ -35,9 +36,6 @@ def target():
     TRAIN heads' N4 runs are the model's, so the tests run N4 only on the head they judge."""
     if not (IXI / "splits.json").is_file():
         pytest.skip(f"real data not available at {IXI}")
-    from bidsharmony.flow.checkpoint import model_landmarks, read_folder
-    from bidsharmony.models import default_model
-
     folder = default_model()
     read = read_folder(folder)
     held_out = "sub-" + read[0]["training_data"]["subjects_validation"][0]

@@ -43,7 +43,7 @@ from scipy.interpolate import PchipInterpolator
 from benchmarks.quality import run, scores
 from bidsharmony.flow.checkpoint import model_landmarks, read_folder
 from bidsharmony.image.resample import canonical, resample_isotropic
-from bidsharmony.image.standardise import _increasing, grid_landmarks, standardise
+from bidsharmony.image.standardise import _increasing, grid_landmarks, on_standard_scale, standardise, volume_landmarks
 from bidsharmony.simulation import SCANNERS, simulate
 
 DATA = common.REPO.parent / "shared" / "data" / "ixi-hh"
@@ -74,16 +74,13 @@ class Atlas:
 
 
 def landmarks(v: np.ndarray, mask: np.ndarray, percentiles) -> np.ndarray:
-    return np.concatenate([[float(v.min())], np.percentile(v[mask], percentiles)])
+    """``volume_landmarks`` with a given mask as the landmark region."""
+    return volume_landmarks(v, percentiles, region=lambda *_: mask)
 
 
 def standard(pairs, percentiles) -> np.ndarray:
     """The mean of (volume, mask) landmarks on the standard scale (as ``fit_landmarks`` averages them)."""
-    out = []
-    for v, m in pairs:
-        lm = landmarks(v, m, percentiles)
-        out.append(100.0 * (lm - lm[0]) / (lm[-1] - lm[0]))
-    return np.mean(out, axis=0)
+    return np.mean([on_standard_scale(landmarks(v, m, percentiles)) for v, m in pairs], axis=0)
 
 
 def pchip_map(v: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:

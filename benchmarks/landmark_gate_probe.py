@@ -49,16 +49,19 @@ from bidsharmony.image import field
 from bidsharmony.image.detail import match_detail
 from bidsharmony.image.io import load_t1w
 from bidsharmony.image.resample import resample_isotropic
-from bidsharmony.image.standardise import PERCENTILES, SCALE, grid_landmarks, landmark_region, standardise, volume_landmarks
+from bidsharmony.image.standardise import (
+    PERCENTILES,
+    grid_landmarks,
+    landmark_region,
+    on_standard_scale,
+    standardise,
+    volume_landmarks,
+)
 from bidsharmony.simulation import SCANNERS, simulate
 
 DATA = common.REPO.parent / "shared" / "data" / "ixi-hh"
 MODEL = common.REPO / "bidsharmony" / "data" / "models" / "ixi-hh-fast"
 GATES = ("median", "p90", "max")
-
-
-def shape(lm: np.ndarray) -> np.ndarray:
-    return SCALE * (lm - lm[0]) / max(lm[-1] - lm[0], 1e-12)
 
 
 def spread(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -88,7 +91,7 @@ def main() -> None:
     shapes = []
     for sub in train:
         img, v = load_t1w(run.t1w_path(DATA, f"sub-{sub}"))
-        shapes.append(shape(grid_landmarks(v, img.affine)[0]))
+        shapes.append(on_standard_scale(grid_landmarks(v, img.affine)[0]))
     free = slice(1, len(mu) - 1)
     x = np.array(shapes)[:, free]
     left = [departure(x[i], *spread(np.delete(x, i, 0))) for i in range(len(x))]
@@ -120,7 +123,7 @@ def main() -> None:
                 lm, grid = volume_landmarks(grid_src), (grid_src, (grid_src.shape, grid_affine))
             else:
                 lm, grid = grid_landmarks(src, affine)[0], None
-            s = shape(lm)
+            s = on_standard_scale(lm)
             d2 = departure(s[free], mean, inv)
             targets = {"shipped (w = 1)": mu}
             for key, gate in gates.items():

@@ -75,13 +75,18 @@ def volume_landmarks(volume: np.ndarray, percentiles=PERCENTILES, zooms=VOXEL_MM
     return np.concatenate([[float(v.min())], np.percentile(v[mask], percentiles)]).astype(np.float64)
 
 
+def on_standard_scale(landmarks: np.ndarray) -> np.ndarray:
+    """A volume's landmarks mapped affinely onto the standard scale (λ_0 → 0, λ_K → SCALE): its landmark shape."""
+    lm = np.asarray(landmarks, np.float64)
+    return SCALE * (lm - lm[0]) / max(lm[-1] - lm[0], 1e-12)
+
+
 def fit_landmarks(volumes: Iterable[np.ndarray], percentiles=PERCENTILES, zooms=VOXEL_MM, region=landmark_region) -> np.ndarray:
     """(K + 1,) standard landmarks: the mean of the training volumes' landmarks (canonical volumes
     of voxel size ``zooms``) on the standard scale."""
     scaled = []
     for v in volumes:
-        lm = volume_landmarks(v, percentiles, zooms, region)
-        scaled.append(SCALE * (lm - lm[0]) / max(lm[-1] - lm[0], 1e-12))
+        scaled.append(on_standard_scale(volume_landmarks(v, percentiles, zooms, region)))
     if not scaled:
         raise ValueError("fit_landmarks needs at least one training volume")
     return np.mean(scaled, axis=0)

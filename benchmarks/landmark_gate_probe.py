@@ -45,14 +45,12 @@ from bidsharmony.flow.checkpoint import (
     model_landmarks,
     read_folder,
 )
-from bidsharmony.image import field
-from bidsharmony.image.detail import match_detail
+from bidsharmony.image.intensity import prepare
 from bidsharmony.image.io import load_t1w
 from bidsharmony.image.resample import resample_isotropic
 from bidsharmony.image.standardise import (
     PERCENTILES,
     grid_landmarks,
-    landmark_region,
     on_standard_scale,
     standardise,
     volume_landmarks,
@@ -102,12 +100,9 @@ def main() -> None:
         band, voxel, net, typical = model_detail_band(MODEL, read), model_detail_voxel(MODEL, read), model_denoiser(MODEL, read), model_field(MODEL, read)
 
         def stages(src, affine, landmarks, grid_src, grid, source):
-            """The Standardise node's order on the native voxels: standardise, detail stage, field stage where it did nothing."""
-            std = standardise(src, landmarks, source_landmarks=source)
-            out, detail = match_detail(std, affine, band, grid, voxel, net)
-            if detail["Action"] == "none":
-                out, _ = field.undo(src, affine, std, typical, landmarks, PERCENTILES, grid, landmark_region(grid_src))
-            return out
+            """The Standardise node's stages (``image.intensity.prepare``): the native voxels it hands on."""
+            return prepare(grid_src, grid[1], landmarks, PERCENTILES, native=(src, affine), band=band, target_voxel=voxel,
+                           denoiser=net, typical=typical, source_landmarks=source).native
     print(f"{len(x)} TRAIN shapes ({time.perf_counter() - t0:.0f} s); gates " + ", ".join(f"{k} {v:.2f}" for k, v in gates.items()), flush=True)
 
     found: dict[str, dict[str, list]] = {}

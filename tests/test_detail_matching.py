@@ -154,3 +154,31 @@ def test_a_scan_full_denoising_cannot_bring_into_the_band_is_named_in_the_log(ti
     detail = json.loads(Path(result.outputs.standardisation).read_text())["Detail"]
     assert detail["Action"] == "denoise" and detail["Weight"] == 1.0 and detail["LevelReached"] > 0.003
     assert "consider --detail none" in caplog.text and str(t1w) in caplog.text
+
+
+def test_the_stages_in_one_function_are_the_nodes_and_say_which_stage_failed(tiny_model, example_bids, tmp_path):
+    """``image.intensity.prepare`` is what the Standardise node runs: without a band or field it is the
+    standardisation alone; a volume with no landmark region fails as a StageError the node turns into
+    a one-line ImageError naming the source."""
+    from bidsharmony.errors import ImageError
+    from bidsharmony.image.intensity import StageError, prepare
+    from bidsharmony.image.standardise import volume_landmarks
+    from bidsharmony.interfaces.standardise import Standardise
+
+    img, data = load_t1w(_t1w(example_bids, "1"))
+    v12, a12 = resample_isotropic(*canonical(data, img.affine), 1.2)
+    standard, percentiles = model_landmarks(tiny_model)
+    done = prepare(v12, a12, standard, percentiles)
+    assert done.native is None and set(done.record) == {"Method", "Percentiles", "SourceLandmarks", "StandardLandmarks"}
+    np.testing.assert_array_equal(done.grid, standardise(v12, standard, percentiles, source_landmarks=volume_landmarks(v12, percentiles)))
+    with pytest.raises(ValueError, match="native voxels"):
+        prepare(v12, a12, standard, percentiles, band=[0.1, 0.2, 0.3])
+
+    empty = np.zeros((20, 20, 20), np.float32)
+    with pytest.raises(StageError, match="cannot standardise its intensities"):
+        prepare(empty, np.diag([1.2, 1.2, 1.2, 1.0]), standard, percentiles)
+    nb.save(nb.Nifti1Image(empty, np.diag([1.2, 1.2, 1.2, 1.0])), str(tmp_path / "empty.nii.gz"))
+    node = Standardise(in_file=str(tmp_path / "empty.nii.gz"), source="sub-x_T1w.nii.gz",
+                       standard=[float(x) for x in standard], percentiles=percentiles)
+    with pytest.raises(ImageError, match=r"^sub-x_T1w.nii.gz: cannot standardise its intensities \(no landmark region"):
+        node.run(cwd=str(tmp_path))

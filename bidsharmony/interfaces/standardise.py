@@ -1,6 +1,7 @@
 """Blind intensity standardisation of the resampled volume onto the model's standard scale, then,
-on the native voxels, the foreign part of a bias field undone (where the model holds the target's
-typical field) and detail matching (where it holds a detail band)."""
+on the native voxels, detail matching (where the model holds a detail band) and the foreign part of
+a bias field undone (where it holds the target's typical field): the stages of
+``bidsharmony.image.intensity``, with the files around them."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 import os
 
 from nipype.interfaces.base import BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec, isdefined, traits
+
 
 class _StandardiseInputSpec(BaseInterfaceInputSpec):
     in_file = File(exists=True, mandatory=True, desc="canonical isotropic volume (the resample node's output)")
@@ -43,40 +45,39 @@ class Standardise(SimpleInterface):
         import numpy as np
 
         from bidsharmony.errors import ImageError
-        from bidsharmony.image import standardise as std
+        from bidsharmony.image.intensity import StageError, prepare
 
-        standard, percentiles = np.asarray(self.inputs.standard, np.float64), list(self.inputs.percentiles)
         img = nb.load(self.inputs.in_file)
         volume = np.asanyarray(img.dataobj, dtype=np.float32)
-        try:
-            source = std.volume_landmarks(volume, percentiles, img.header.get_zooms()[:3])
-        except ValueError as e:
-            raise ImageError(f"{self.inputs.source or self.inputs.in_file}: cannot standardise its intensities ({e})") from None
-        standardised = std.standardise(volume, standard, percentiles, source_landmarks=source)
-        record = std.record(source, standard, percentiles)
-        if not (isdefined(self.inputs.band) or isdefined(self.inputs.field_model)):
-            native = None
-        else:  # both stages act on the original T1w's voxels, put through the same map: read and mapped once
-            orig, data = self._source()
-            native = std.apply_record(data, record)
-        if isdefined(self.inputs.band):
-            standardised, native, record["Detail"] = self._match_detail(standardised, img.affine, orig, native)
+        band = self.inputs.band if isdefined(self.inputs.band) else None
+        typical = denoiser = orig = native = None
         if isdefined(self.inputs.field_model):
-            if "Detail" in record and record["Detail"]["Action"] != "none":
-                # Noise, blur and tissue contrast mislead N4, and each moves the detail level out of the band.
-                record["Field"] = {"Method": "n4-typical", "Weight": 0.0, "Skipped": "the detail stage changed the volume"}
-            else:
-                zooms = img.header.get_zooms()[:3]
-                standardised, native, record["Field"] = self._undo_field(volume, zooms, standardised, img.affine, orig, data, native)
-        if native is not None:
-            self._write_native(native, orig, runtime)
-        out = nb.Nifti1Image(standardised, img.affine)
+            from bidsharmony.flow.checkpoint import model_field
+
+            typical = model_field(self.inputs.field_model)
+        if band is not None and isdefined(self.inputs.denoiser_model):
+            from bidsharmony.flow.checkpoint import model_denoiser
+
+            denoiser = model_denoiser(self.inputs.denoiser_model)
+        if band is not None or typical is not None:  # both stages act on the original T1w's voxels
+            orig, data = self._source()
+            native = (data, orig.affine)
+        try:
+            done = prepare(volume, img.affine, self.inputs.standard, self.inputs.percentiles,
+                           zooms=img.header.get_zooms()[:3], native=native, band=band,
+                           target_voxel=self.inputs.target_voxel if isdefined(self.inputs.target_voxel) else None,
+                           denoiser=denoiser, typical=typical, name=self.inputs.source)
+        except StageError as e:
+            raise ImageError(f"{self.inputs.source or self.inputs.in_file}: {e}") from None
+        if done.native is not None:
+            self._write_native(done.native, orig, runtime)
+        out = nb.Nifti1Image(done.grid, img.affine)
         out.header.set_xyzt_units("mm")
         self._results["out_file"] = os.path.join(runtime.cwd, "standardised.nii.gz")
         out.to_filename(self._results["out_file"])
         self._results["standardisation"] = os.path.join(runtime.cwd, "standardisation.json")
         with open(self._results["standardisation"], "w") as f:
-            json.dump(record, f)
+            json.dump(done.record, f)
         return runtime
 
     def _source(self):
@@ -86,61 +87,6 @@ class Standardise(SimpleInterface):
         if not self.inputs.source:
             raise ValueError("Standardise: the field and detail stages need the original T1w as source")
         return load_t1w(self.inputs.source)
-
-    def _undo_field(self, volume, zooms, standardised, affine, orig, data, native):
-        """The foreign part of the native voxels' field undone (``image.field.undo``: ``data`` as acquired,
-        ``native`` through the first map), their landmarks measured again on this grid's first landmark
-        region: returns (this grid's volume, the native volume, the field's record)."""
-        import numpy as np
-
-        from bidsharmony.errors import ImageError
-        from bidsharmony.flow.checkpoint import model_field
-        from bidsharmony.image import field
-        from bidsharmony.image.resample import resample_onto
-        from bidsharmony.image.standardise import landmark_region
-
-        try:
-            native, rec = field.undo(data, orig.affine, native, model_field(self.inputs.field_model),
-                                     np.asarray(self.inputs.standard, np.float64), list(self.inputs.percentiles),
-                                     (volume.shape, affine), landmark_region(volume, zooms))
-        except ValueError as e:
-            raise ImageError(f"{self.inputs.source}: cannot estimate its bias field ({e})") from None
-        if rec["Weight"] == 0:
-            return standardised, native, rec
-        return resample_onto(native, orig.affine, volume.shape, affine).astype(np.float32), native, rec
-
-    def _match_detail(self, standardised, affine, orig, native):
-        """Match the native voxels' detail level (``native``: standardised with the same map) on this grid; returns
-        (this grid's volume: unchanged where the level was in the band, else the matched native volume
-        resampled here; the native volume; the matching's record)."""
-        import numpy as np
-
-        from bidsharmony.errors import ImageError
-        from bidsharmony.image.detail import match_detail
-        from bidsharmony.image.resample import resample_onto
-
-        try:
-            target = self.inputs.target_voxel if isdefined(self.inputs.target_voxel) else None
-            denoiser = None
-            if isdefined(self.inputs.denoiser_model):
-                from bidsharmony.flow.checkpoint import model_denoiser
-
-                denoiser = model_denoiser(self.inputs.denoiser_model)
-            native, detail = match_detail(native, orig.affine, self.inputs.band, (standardised.shape, affine), target, denoiser)
-        except ValueError as e:
-            raise ImageError(f"{self.inputs.source}: cannot measure its detail level ({e})") from None
-        if detail["Action"] != "none":
-            standardised = resample_onto(native, orig.affine, standardised.shape, affine)
-        if detail["Action"] == "denoise" and detail["LevelReached"] > detail["Band"][2]:
-            import logging
-
-            # Full denoising left it above the band: detail the target's images lack, or noise the
-            # denoiser cannot remove; either way the output still differs from the target's in kind.
-            logging.getLogger("bidsharmony").warning(
-                "%s: detail level %.3f is still above the model's band (%.3f) after full denoising: the scan holds finer "
-                "detail or more noise than the target's images; consider --detail none (docs/method.md §8)",
-                self.inputs.source, detail["LevelReached"], detail["Band"][2])
-        return standardised.astype(np.float32), native, detail
 
     def _write_native(self, native, orig, runtime):
         import nibabel as nb

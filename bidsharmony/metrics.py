@@ -15,6 +15,26 @@ def robust_scale(v: np.ndarray, mask: np.ndarray, lo: float = 1.0, hi: float = 9
     return ((v - p_lo) / max(float(p_hi - p_lo), 1e-12)).astype(np.float32)
 
 
+def kmeans1d(x: np.ndarray, k: int = 3, iterations: int = 100) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic 1D k-means (Lloyd, started evenly over the 1–99 % range): (sorted centres,
+    labels 0..k-1 in centre order). Used for tissue classes by the standardisation's class pass and by
+    the benchmark; ANTs Atropos was tried first: its runs differ from each other even single-threaded."""
+    x = np.asarray(x, np.float64).ravel()
+    lo, hi = np.percentile(x, [1, 99])
+    centres = lo + (hi - lo) * (np.arange(k) + 0.5) / k  # spread over the range: quantile starts sit
+    # all in the largest class when classes are unbalanced (CSF-rich heads)
+    tol = 1e-9 * max(float(x.max() - x.min()), 1e-30)  # relative to the range: unit-free
+    for _ in range(iterations):
+        edges = (centres[1:] + centres[:-1]) / 2
+        labels = np.searchsorted(edges, x)
+        new = np.array([x[labels == i].mean() if np.any(labels == i) else centres[i] for i in range(k)])
+        done = np.max(np.abs(new - centres)) <= tol
+        centres = np.sort(new)
+        if done:
+            break
+    return centres, np.searchsorted((centres[1:] + centres[:-1]) / 2, x)
+
+
 def mask_slices(mask: np.ndarray) -> np.ndarray:
     """Indices of the axial slices (last axis of a RAS array) that hold enough of the mask."""
     return np.flatnonzero(mask.mean(axis=(0, 1)) >= MIN_MASK_FRACTION)

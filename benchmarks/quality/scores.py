@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import stats
 
-from bidsharmony.metrics import mask_slices, robust_scale, slice_jumps, slice_profile
+from bidsharmony.metrics import kmeans1d, mask_slices, robust_scale, slice_jumps, slice_profile
 
 
 def psnr(a: np.ndarray, b: np.ndarray, data_range: float = 1.0) -> float:
@@ -54,26 +54,6 @@ def volume_scores(out: np.ndarray, truth: np.ndarray, mask: np.ndarray) -> dict:
         "ssim_vol": float(ssim_map(a, b)[mask].mean()),
         "ncc_vol": float(np.corrcoef(a[mask], b[mask])[0, 1]),
     }
-
-
-def kmeans1d(x: np.ndarray, k: int = 3, iterations: int = 100) -> tuple[np.ndarray, np.ndarray]:
-    """Deterministic 1D k-means (Lloyd, started evenly over the 1–99 % range): (sorted centres,
-    labels 0..k-1 in centre order). ANTs Atropos was tried first: its runs differ from each other
-    even single-threaded, which would put noise into Dice comparisons."""
-    x = np.asarray(x, np.float64).ravel()
-    lo, hi = np.percentile(x, [1, 99])
-    centres = lo + (hi - lo) * (np.arange(k) + 0.5) / k  # spread over the range: quantile starts sit
-    # all in the largest class when classes are unbalanced (CSF-rich heads)
-    tol = 1e-9 * max(float(x.max() - x.min()), 1e-30)  # relative to the range: unit-free
-    for _ in range(iterations):
-        edges = (centres[1:] + centres[:-1]) / 2
-        labels = np.searchsorted(edges, x)
-        new = np.array([x[labels == i].mean() if np.any(labels == i) else centres[i] for i in range(k)])
-        done = np.max(np.abs(new - centres)) <= tol
-        centres = np.sort(new)
-        if done:
-            break
-    return centres, np.searchsorted((centres[1:] + centres[:-1]) / 2, x)
 
 
 def segment(v: np.ndarray, mask: np.ndarray) -> np.ndarray:

@@ -12,7 +12,10 @@ each resampled training volume, standardised onto the landmarks and measured at 
 volumes' median acquired voxel size (stored beside the band). ``--detail-only`` keeps the folder's
 landmarks and adds the band and voxel size alone.
 
-    python benchmarks/fit_landmarks.py bidsharmony/data/models/ixi-hh-fast --data ../shared/data/ixi-hh [--detail-only]
+The class landmarks (the standardisation's class pass, ``image.standardise.fit_class_landmarks``) are
+fitted on the same resampled volumes; ``--classes-only`` keeps everything else and adds them alone.
+
+    python benchmarks/fit_landmarks.py bidsharmony/data/models/ixi-hh-fast --data ../shared/data/ixi-hh [--detail-only | --classes-only]
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from bidsharmony.image.detail import BAND, VOXEL, at_resolution, detail_level, f
 from bidsharmony.image.detail import model_entry as detail_entry
 from bidsharmony.image.io import load_t1w
 from bidsharmony.image.resample import canonical, resample_isotropic
-from bidsharmony.image.standardise import LANDMARKS, fit_landmarks, model_entry, standardise
+from bidsharmony.image.standardise import CLASS_LANDMARKS, LANDMARKS, fit_class_landmarks, fit_landmarks, model_entry, standardise
 
 
 def main() -> None:
@@ -40,6 +43,7 @@ def main() -> None:
     p.add_argument("model", type=Path, help="flow model folder to add the landmarks to")
     p.add_argument("--data", type=Path, required=True, help="the target BIDS dataset the model was trained on")
     p.add_argument("--detail-only", action="store_true", help="keep the folder's landmarks; fit the detail band only")
+    p.add_argument("--classes-only", action="store_true", help="keep the folder's landmarks and band; fit the class landmarks only")
     p.add_argument("--keep-card", action="store_true", help="keep a hand-written MODEL_CARD.md (update it by hand)")
     args = p.parse_args()
     cfg, tensors = read_folder(args.model)
@@ -64,6 +68,15 @@ def main() -> None:
                 print(f"{i}/{len(subjects)} volumes, {time.perf_counter() - t0:.0f} s", flush=True)
 
     zooms = (voxel,) * 3
+    classes = fit_class_landmarks(volumes(), zooms=zooms) if not args.detail_only else None
+    if classes is not None:
+        print("class landmarks:", np.round(classes, 3).tolist())
+        tensors[f"extra.{CLASS_LANDMARKS}"] = torch.as_tensor(classes, dtype=torch.float64)
+        cfg["preprocessing"]["standardisation"] = model_entry(len(subjects))
+    if args.classes_only:
+        rewrite_model_folder(args.model, tensors, cfg, args.keep_card)
+        print(f"written {args.model} in {time.perf_counter() - t0:.0f} s")
+        return
     if args.detail_only:
         landmarks = tensors[f"extra.{LANDMARKS}"].double().numpy()
     else:
@@ -73,7 +86,7 @@ def main() -> None:
     band = fit_band(detail_level(at_resolution(standardise(v, landmarks, zooms=zooms), affine, a, target), zooms)
                     for v, affine, a in volumes(with_affine=True))
     print("detail band (min, mean, max):", np.round(band, 4).tolist(), "at", np.round(target, 3).tolist(), "mm")
-    cfg["preprocessing"]["standardisation"] = model_entry(len(subjects))
+    cfg["preprocessing"]["standardisation"] = model_entry(len(subjects), classes=f"extra.{CLASS_LANDMARKS}" in tensors)
     cfg["preprocessing"]["detail"] = detail_entry(len(subjects))
     tensors[f"extra.{LANDMARKS}"] = torch.as_tensor(landmarks, dtype=torch.float64)
     tensors[f"extra.{BAND}"] = torch.as_tensor(band, dtype=torch.float64)

@@ -13,10 +13,22 @@ import numpy as np
 import pytest
 
 from bidsharmony.errors import ModelError
-from bidsharmony.flow.checkpoint import model_landmarks, read_folder
+from bidsharmony.flow.checkpoint import model_class_landmarks, model_landmarks, read_folder
 from bidsharmony.image.io import load_t1w
 from bidsharmony.image.resample import canonical, resample_isotropic
-from bidsharmony.image.standardise import LANDMARKS, SCALE, apply_record, fit_landmarks, volume_landmarks
+from bidsharmony.image.standardise import (
+    CLASS_LANDMARKS,
+    CLASS_POINTS,
+    LANDMARKS,
+    SCALE,
+    apply_record,
+    class_landmarks,
+    fit_class_landmarks,
+    fit_landmarks,
+    landmark_region,
+    piecewise_linear,
+    volume_landmarks,
+)
 from bidsharmony.modelfolder import write_folder
 from bidsharmony.workflows.harmonize import init_harmonize_wf
 
@@ -57,10 +69,14 @@ def test_training_fits_the_landmarks_on_its_training_volumes_only(tiny_model, ex
 
     np.testing.assert_allclose(standard, fit_landmarks(volumes(), percentiles), rtol=1e-5, atol=1e-5)
     assert standard[0] == 0 and standard[-1] == pytest.approx(SCALE) and np.all(np.diff(standard) > 0)
+    classes = model_class_landmarks(tiny_model)
+    np.testing.assert_allclose(classes, fit_class_landmarks(volumes(), percentiles), rtol=1e-5, atol=1e-5)
+    assert classes[0] == 0 and np.all(np.diff(classes) > 0)
+    assert cfg["preprocessing"]["standardisation"]["class_pass"]["quantiles"] == [list(q) for q in CLASS_POINTS]
 
 
 def test_the_output_lands_on_the_standard_landmarks(tiny_model, example_bids, tmp_path):
-    """On the harmonization grid, with the loop off, the output's own landmarks are the model's."""
+    """On the harmonization grid, with the loop and the class pass off, the output's own landmarks are the model's."""
     out, info = _harmonize(tiny_model, _t1w(example_bids, "2"), tmp_path, output_space="harmonization", detail="none")
     standard, percentiles = model_landmarks(tiny_model)
     img = nb.load(out)
@@ -68,6 +84,36 @@ def test_the_output_lands_on_the_standard_landmarks(tiny_model, example_bids, tm
                                standard, atol=1e-3 * SCALE)
     assert info["IntensityScale"] == "standard" and info["Parameters"]["standardise"] == "landmarks"
     np.testing.assert_allclose(info["Standardisation"]["StandardLandmarks"], standard)
+    assert info["Parameters"]["classes"] == "none" and "ClassPass" not in info["Standardisation"]
+
+
+def test_the_class_pass_lands_on_the_class_landmarks(tiny_model, example_bids, tmp_path):
+    """With ``--classes tissue`` the class pass follows the percentile map: the output's class landmarks,
+    measured again on the harmonization grid, are the model's (up to the k-means partition moving with
+    the map), and the recorded map takes the source's class landmarks exactly onto them."""
+    out, info = _harmonize(tiny_model, _t1w(example_bids, "2"), tmp_path, output_space="harmonization", detail="none",
+                           classes="tissue")
+    classes = model_class_landmarks(tiny_model)
+    img = nb.load(out)
+    v = np.asanyarray(img.dataobj, np.float32)
+    assert info["Parameters"]["classes"] == "tissue"
+    cp = info["Standardisation"]["ClassPass"]
+    np.testing.assert_allclose(cp["StandardLandmarks"], classes)
+    np.testing.assert_allclose(piecewise_linear(np.asarray(cp["SourceLandmarks"]), np.asarray(cp["SourceLandmarks"]), classes),
+                               classes, atol=1e-4)
+    np.testing.assert_allclose(class_landmarks(v, landmark_region(v, img.header.get_zooms()[:3])), classes, atol=0.03 * SCALE)
+
+
+def test_the_class_pass_is_off_by_default_and_refused_where_it_cannot_run(tiny_model, example_bids, tmp_path):
+    cfg, tensors = read_folder(tiny_model)
+    del tensors[f"extra.{CLASS_LANDMARKS}"], cfg["weights_sha256"]
+    write_folder(tmp_path / "old", tensors, cfg)
+    with pytest.raises(ModelError, match="no class landmarks"):
+        init_harmonize_wf(model=tmp_path / "old", params={"classes": "tissue"}, device="cpu")
+    with pytest.raises(ModelError, match="--classes tissue needs the standardisation"):
+        init_harmonize_wf(model=tiny_model, params={"classes": "tissue", "standardise": "none"}, device="cpu")
+    out, info = _harmonize(tiny_model, _t1w(example_bids, "2"), tmp_path / "run", detail="none")
+    assert info["Parameters"]["classes"] == "none" and "ClassPass" not in info["Standardisation"]
 
 
 def test_native_output_is_the_input_through_the_recorded_map(tiny_model, example_bids, tmp_path):

@@ -126,6 +126,20 @@ def model_landmarks(folder, read: tuple | None = None) -> tuple:
     return landmarks.double().numpy(), percentiles
 
 
+def model_class_landmarks(folder, read: tuple | None = None):
+    """The class pass's target landmarks of a model folder (``image.standardise.class_landmarks``), or None
+    where the model has none (fitted before the class pass existed). ``read``: as ``model_landmarks``."""
+    from bidsharmony.image.standardise import CLASS_LANDMARKS, CLASS_POINTS
+
+    found = (read or read_folder(folder))[1].get(f"extra.{CLASS_LANDMARKS}")
+    if found is None:
+        return None
+    size = 1 + sum(len(q) for q in CLASS_POINTS)
+    if found.ndim != 1 or found.numel() != size:
+        raise ModelError(f"{Path(folder) / WEIGHTS}: extra.{CLASS_LANDMARKS} holds {found.numel()} values, not {size}")
+    return found.double().numpy()
+
+
 def model_detail_band(folder, read: tuple | None = None):
     """The (min, mean, max) detail band of a model folder (``bidsharmony.image.detail``), or None
     where the model has none (fitted before detail matching existed). ``read``: as ``model_landmarks``."""

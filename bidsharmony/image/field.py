@@ -213,20 +213,27 @@ def correction(v: np.ndarray, affine: np.ndarray, typical: TypicalField) -> tupl
 
 
 def undo(source: np.ndarray, affine: np.ndarray, standardised: np.ndarray, typical: TypicalField, standard, percentiles,
-         grid: tuple, region: np.ndarray) -> tuple[np.ndarray, dict]:
+         grid: tuple, region: np.ndarray, class_standard=None) -> tuple[np.ndarray, dict]:
     """(the source with its foreign field undone, standardised afresh; the record with the landmarks after it).
 
     ``source``/``affine``: the native voxels as acquired; ``standardised``: the same voxels through the first
-    standardisation; ``standard``, ``percentiles``: the model's landmarks; ``grid`` = (shape, affine) and ``region``:
+    standardisation; ``standard``, ``percentiles``: the model's landmarks (``class_standard``: its class
+    landmarks, where the standardisation runs its class pass); ``grid`` = (shape, affine) and ``region``:
     the 1.2 mm grid and landmark region the first landmarks were measured on."""
     from bidsharmony.image.resample import resample_onto
-    from bidsharmony.image.standardise import standardise, volume_landmarks
+    from bidsharmony.image.standardise import class_pass, piecewise_linear, standardise, volume_landmarks
 
     c, rec = correction(standardised, affine, typical)
     if rec["Weight"] == 0.0:
         return np.asarray(standardised, np.float32), rec
     corrected = (np.asarray(source, np.float32) * np.exp(c)).astype(np.float32)
-    after = volume_landmarks(resample_onto(corrected, affine, *grid), percentiles, region=lambda v, z: region)
+    on_grid = resample_onto(corrected, affine, *grid)
+    after = volume_landmarks(on_grid, percentiles, region=lambda v, z: region)
     rec["LandmarksAfter"] = [float(x) for x in after]
     rec["CorrectionRange"] = [round(float(np.exp(q)), 4) for q in np.percentile(c[c != 0], [1, 99])] if np.any(c) else [1.0, 1.0]
-    return standardise(corrected, standard, percentiles, source_landmarks=after), rec
+    out = standardise(corrected, standard, percentiles, source_landmarks=after)
+    if class_standard is not None:
+        _, classes = class_pass(standardise(on_grid, standard, percentiles, source_landmarks=after), class_standard, region)
+        rec["ClassLandmarksAfter"] = [float(x) for x in classes]
+        out = piecewise_linear(out, classes, class_standard)
+    return out, rec

@@ -1,7 +1,8 @@
 """The volume-wide intensity stages, in the order harmonization runs them, on one image.
 
 1. **Standardisation** (``image.standardise``): landmarks measured on the pipeline's 1.2 mm grid, the
-   map applied to that grid's volume and, with the same landmarks, to the native voxels.
+   map applied to that grid's volume and, with the same landmarks, to the native voxels; where the
+   model holds class landmarks, the class pass follows, measured on the grid's mapped volume.
 2. **Detail matching** (``image.detail``), where the model holds a detail band: the native voxels'
    detail level brought into the band (denoised or sharpened).
 3. **The field stage** (``image.field``), where the model holds the target's typical field, and only
@@ -36,8 +37,8 @@ class Prepared:
     record: dict
 
 
-def prepare(grid: np.ndarray, grid_affine: np.ndarray, standard, percentiles, *, zooms=None, native=None, band=None,
-            target_voxel=None, denoiser=None, typical=None, source_landmarks=None, name: str = "") -> Prepared:
+def prepare(grid: np.ndarray, grid_affine: np.ndarray, standard, percentiles, *, class_standard=None, zooms=None, native=None,
+            band=None, target_voxel=None, denoiser=None, typical=None, source_landmarks=None, name: str = "") -> Prepared:
     """Run the intensity stages on one volume.
 
     Parameters
@@ -46,6 +47,9 @@ def prepare(grid: np.ndarray, grid_affine: np.ndarray, standard, percentiles, *,
         The canonical 1.2 mm volume (the resample node's output) and its affine.
     standard, percentiles
         The target landmarks (the model's, or any others on the same percentiles) and their percentiles.
+    class_standard
+        The target's class landmarks (``image.standardise.class_landmarks``): with them, the class pass
+        follows the percentile map.
     zooms
         The grid's voxel size (default: from ``grid_affine``).
     native
@@ -76,7 +80,14 @@ def prepare(grid: np.ndarray, grid_affine: np.ndarray, standard, percentiles, *,
     except ValueError as e:
         raise StageError(f"cannot standardise its intensities ({e})") from None
     out = std.standardise(grid, standard, percentiles, source_landmarks=source)
-    record = std.record(source, standard, percentiles)
+    classes = None
+    if class_standard is not None:
+        class_standard = np.asarray(class_standard, np.float64)
+        try:
+            out, classes = std.class_pass(out, class_standard, std.landmark_region(grid, zooms))
+        except ValueError as e:
+            raise StageError(f"cannot standardise its intensities ({e})") from None
+    record = std.record(source, standard, percentiles, classes, class_standard)
     if band is None and typical is None:
         return Prepared(out, None, record)
     if native is None:
@@ -89,7 +100,8 @@ def prepare(grid: np.ndarray, grid_affine: np.ndarray, standard, percentiles, *,
         if "Detail" in record and record["Detail"]["Action"] != "none":
             record["Field"] = {"Method": "n4-typical", "Weight": 0.0, "Skipped": "the detail stage changed the volume"}
         else:
-            out, mapped, record["Field"] = _field(grid, zooms, out, grid_affine, data, mapped, affine, typical, standard, percentiles)
+            out, mapped, record["Field"] = _field(grid, zooms, out, grid_affine, data, mapped, affine, typical, standard, percentiles,
+                                                  class_standard)
     return Prepared(np.asarray(out, np.float32), mapped, record)
 
 
@@ -113,7 +125,7 @@ def _detail(out, grid_affine, mapped, affine, band, target_voxel, denoiser, name
     return np.asarray(out, np.float32), mapped, detail
 
 
-def _field(grid, zooms, out, grid_affine, data, mapped, affine, typical, standard, percentiles):
+def _field(grid, zooms, out, grid_affine, data, mapped, affine, typical, standard, percentiles, class_standard):
     """The foreign part of the native voxels' field undone (``data`` as acquired, ``mapped`` through the
     first map), their landmarks measured again in the grid's first landmark region."""
     from bidsharmony.image import field
@@ -122,7 +134,7 @@ def _field(grid, zooms, out, grid_affine, data, mapped, affine, typical, standar
 
     try:
         mapped, rec = field.undo(data, affine, mapped, typical, standard, percentiles, (grid.shape, grid_affine),
-                                 landmark_region(grid, zooms))
+                                 landmark_region(grid, zooms), class_standard)
     except ValueError as e:
         raise StageError(f"cannot estimate its bias field ({e})") from None
     if rec["Weight"] == 0:

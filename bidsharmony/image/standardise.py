@@ -39,7 +39,10 @@ from bidsharmony.image.slices import solid_head_mask
 from bidsharmony.space import DEFAULT
 
 LANDMARKS = "standard_landmarks"  # a model folder's extra tensor: the (K + 1,) standard landmarks
+CLASS_LANDMARKS = "class_landmarks"  # and the class pass's: 0, then the CLASS_POINTS quantiles
 PERCENTILES = (5.0, 25.0, 50.0, 75.0, 95.0)
+# The class pass's points: quantiles within the CSF-, grey- and white-like k-means classes of the region.
+CLASS_POINTS = ((50.0,), (25.0, 50.0, 75.0), (25.0, 50.0, 75.0, 95.0))
 SCALE = 100.0  # the standard scale: background 0, top landmark SCALE
 DEPTH_MM = 15.0  # below the head's surface: past scalp and skull
 TOP_MM = 110.0  # from the top of the head down: the cerebrum, not the face or neck
@@ -124,7 +127,13 @@ def standardise(volume: np.ndarray, landmarks: np.ndarray, percentiles=PERCENTIL
     if x.shape != y.shape or y.size != len(percentiles) + 1:
         raise ValueError(f"{y.size} standard and {x.size} source landmarks for {len(percentiles)} percentiles "
                          "(fit and standardise with the same percentiles)")
-    x = _increasing(x)
+    return piecewise_linear(volume, x, y)
+
+
+def piecewise_linear(volume: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """The monotone map through the points (x_k, y_k), linear between them and extended beyond the first
+    and last with the end segments' slopes (``x`` is made strictly increasing first)."""
+    x, y = _increasing(x), np.asarray(y, np.float64)
     v = np.asarray(volume, np.float64)
     out = np.interp(v, x, y)
     lo, hi = v < x[0], v > x[-1]
@@ -133,19 +142,67 @@ def standardise(volume: np.ndarray, landmarks: np.ndarray, percentiles=PERCENTIL
     return out.astype(np.float32)
 
 
-def model_entry(volumes: int, percentiles=PERCENTILES) -> dict:
+def class_landmarks(standardised: np.ndarray, region: np.ndarray) -> np.ndarray:
+    """(1 + Σ quantiles,) class landmarks of a volume on the standard scale: 0 (the background), then the
+    CLASS_POINTS quantiles within the three tissue-like classes of a 1D k-means of its landmark region."""
+    from bidsharmony.metrics import kmeans1d
+
+    x = np.asarray(standardised, np.float64)[region]
+    if x.size < 3:
+        raise ValueError("no landmark region to find tissue classes in")
+    centres, labels = kmeans1d(x)
+    points = [np.percentile(x[labels == c], q) if np.any(labels == c) else np.full(len(q), centres[c])
+              for c, q in enumerate(CLASS_POINTS)]
+    return np.concatenate([[0.0], *points])
+
+
+def fit_class_landmarks(volumes: Iterable[np.ndarray], percentiles=PERCENTILES, zooms=VOXEL_MM) -> np.ndarray:
+    """The target's class landmarks: the mean of ``class_landmarks`` over training volumes (canonical, voxel
+    size ``zooms``), each put affinely onto the standard scale (its own landmark shape, its anatomy untouched)."""
+    found = []
+    for v in volumes:
+        v = np.asarray(v, np.float32)
+        lm = volume_landmarks(v, percentiles, zooms)
+        found.append(class_landmarks(standardise(v, on_standard_scale(lm), percentiles, source_landmarks=lm),
+                                     landmark_region(v, zooms)))
+    if not found:
+        raise ValueError("fit_class_landmarks needs at least one training volume")
+    return np.mean(found, axis=0)
+
+
+def class_pass(standardised: np.ndarray, class_standard: np.ndarray, region: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(the volume with its class landmarks mapped onto ``class_standard``, its class landmarks before)."""
+    source = class_landmarks(standardised, region)
+    return piecewise_linear(standardised, source, class_standard), source
+
+
+def model_entry(volumes: int, percentiles=PERCENTILES, classes: bool = True) -> dict:
     """What a model's ``config.json`` says about its standardisation (``preprocessing.standardisation``);
-    the landmarks themselves are the weights file's ``extra.standard_landmarks``, under its sha256."""
-    return {"method": "landmarks", "percentiles": [float(p) for p in percentiles], "scale": SCALE,
-            "region": f"head deeper than {DEPTH_MM:g} mm and within {TOP_MM:g} mm of its top", "volumes": int(volumes)}
+    the landmarks themselves are the weights file's ``extra.standard_landmarks`` (and ``extra.class_landmarks``),
+    under its sha256."""
+    entry = {"method": "landmarks", "percentiles": [float(p) for p in percentiles], "scale": SCALE,
+             "region": f"head deeper than {DEPTH_MM:g} mm and within {TOP_MM:g} mm of its top", "volumes": int(volumes)}
+    if classes:
+        entry["class_pass"] = {"classes": "3-class 1D k-means of the landmark region on the standard scale (CSF-, grey-, white-like)",
+                               "quantiles": [[float(q) for q in c] for c in CLASS_POINTS]}
+    return entry
 
 
-def record(source: np.ndarray, standard: np.ndarray, percentiles=PERCENTILES) -> dict:
-    """One run's standardisation, as its sidecar states it (JSON-ready)."""
-    return {"Method": "landmarks", "Percentiles": [float(p) for p in percentiles],
-            "SourceLandmarks": [float(x) for x in source], "StandardLandmarks": [float(x) for x in standard]}
+def record(source: np.ndarray, standard: np.ndarray, percentiles=PERCENTILES, class_source=None, class_standard=None) -> dict:
+    """One run's standardisation, as its sidecar states it (JSON-ready); with the class pass, its landmarks too."""
+    rec = {"Method": "landmarks", "Percentiles": [float(p) for p in percentiles],
+           "SourceLandmarks": [float(x) for x in source], "StandardLandmarks": [float(x) for x in standard]}
+    if class_source is not None:
+        rec["ClassPass"] = {"Quantiles": [[float(q) for q in c] for c in CLASS_POINTS],
+                            "SourceLandmarks": [float(x) for x in class_source],
+                            "StandardLandmarks": [float(x) for x in class_standard]}
+    return rec
 
 
 def apply_record(volume: np.ndarray, rec: dict) -> np.ndarray:
-    """``standardise`` with the landmarks a run recorded (``record``): the same map on another grid."""
-    return standardise(volume, np.asarray(rec["StandardLandmarks"]), rec["Percentiles"], source_landmarks=np.asarray(rec["SourceLandmarks"]))
+    """``standardise`` with the landmarks a run recorded (``record``), then its class pass where it ran:
+    the same map on another grid."""
+    out = standardise(volume, np.asarray(rec["StandardLandmarks"]), rec["Percentiles"], source_landmarks=np.asarray(rec["SourceLandmarks"]))
+    if "ClassPass" in rec:
+        out = piecewise_linear(out, np.asarray(rec["ClassPass"]["SourceLandmarks"]), np.asarray(rec["ClassPass"]["StandardLandmarks"]))
+    return out

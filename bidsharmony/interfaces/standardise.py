@@ -15,6 +15,8 @@ class _StandardiseInputSpec(BaseInterfaceInputSpec):
     in_file = File(exists=True, mandatory=True, desc="canonical isotropic volume (the resample node's output)")
     standard = traits.List(traits.Float, mandatory=True, desc="the model's standard landmarks (read once, when the workflow is built)")
     percentiles = traits.List(traits.Float, mandatory=True, desc="the percentiles they are of")
+    class_standard = traits.List(traits.Float, desc="the model's class landmarks: when given, the class pass follows the "
+                                 "percentile map (``bidsharmony.image.standardise.class_pass``)")
     source = traits.Str("", usedefault=True, desc="the original T1w, named in errors (and read, to match its detail)")
     band = traits.List(traits.Float, minlen=3, maxlen=3, desc="the model's detail band (min, mean, max): when given, the "
                        "native voxels are standardised and detail-matched here (``bidsharmony.image.detail``)")
@@ -62,8 +64,9 @@ class Standardise(SimpleInterface):
         if band is not None or typical is not None:  # both stages act on the original T1w's voxels
             orig, data = self._source()
             native = (data, orig.affine)
+        classes = self.inputs.class_standard if isdefined(self.inputs.class_standard) else None
         try:
-            done = prepare(volume, img.affine, self.inputs.standard, self.inputs.percentiles,
+            done = prepare(volume, img.affine, self.inputs.standard, self.inputs.percentiles, class_standard=classes,
                            zooms=img.header.get_zooms()[:3], native=native, band=band,
                            target_voxel=self.inputs.target_voxel if isdefined(self.inputs.target_voxel) else None,
                            denoiser=denoiser, typical=typical, name=self.inputs.source)

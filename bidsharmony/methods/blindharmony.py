@@ -25,6 +25,7 @@ PRESET_NAMES = ("paper", "fast", "tiny")  # mirrored from flow.model.PRESETS (te
 def add_arguments(harmonization, training) -> None:
     g = harmonization
     g.add_argument("--standardise", choices=("auto", "landmarks", "none"), default="auto", help="flow: map each volume onto the model's intensity landmarks before slicing, so the output is on the target's scale (auto: where the model has landmarks; none: the published method, output on the input's scale)")
+    g.add_argument("--classes", choices=("none", "tissue"), default="none", help="flow: tissue: after the percentile map, a second monotone map that puts the quantiles within the volume's CSF-, grey- and white-like intensity classes onto the target's (the model's class landmarks), so that a head keeps more of its own tissue composition, which percentiles alone pull towards the target's mean; it costs volume PSNR on some scanners (docs/method.md §6). none: the percentile map alone")
     g.add_argument("--detail", choices=("auto", "match", "none"), default="auto", help="flow: after the standardisation, denoise or sharpen each volume until its detail level is inside the target's band (auto: where the model has a band; none: leave noise and sharpness as acquired)")
     g.add_argument("--denoiser", choices=("auto", "learned", "non-local-means"), default="auto", help="flow: what the detail stage denoises with (auto: the model's learned denoiser where it holds one, else non-local means)")
     g.add_argument("--field", choices=("auto", "n4-typical", "none"), default="auto", help="flow: after the standardisation, undo the part of the volume's smooth intensity (bias) field that no target head has: N4's field beyond what the target's own heads' fields span, weighted from 0 at the largest leftover of any training head, where the detail stage leaves the volume alone; about 10 s of N4 a volume on 2 CPU cores (docs/method.md §9). auto: where the model holds the typical field; none: leave the field as acquired")
@@ -63,6 +64,7 @@ def harmonize_params(opts, device: str) -> dict:
         batch_size=batch,
         seed=opts.random_seed,
         standardise=opts.standardise,
+        classes=opts.classes,
         detail=opts.detail,
         denoiser=opts.denoiser,
         field=opts.field,
@@ -125,7 +127,7 @@ def train(opts, runs, *, device: str, steps: int, batch: int, run_workflow) -> N
     from bidsharmony.image.detail import BAND, VOXEL
     from bidsharmony.image.detail import model_entry as detail_entry
     from bidsharmony.image.slices import POSITION_BINS
-    from bidsharmony.image.standardise import LANDMARKS, model_entry
+    from bidsharmony.image.standardise import CLASS_LANDMARKS, LANDMARKS, model_entry
     from bidsharmony.modelfolder import new_stage, publish_training
     from bidsharmony.space import DEFAULT
     from bidsharmony.train import data as tdata
@@ -170,13 +172,15 @@ def train(opts, runs, *, device: str, steps: int, batch: int, run_workflow) -> N
     }
     landmarks, volumes = tdata.target_landmarks(prepared, set(train_set.subject.tolist()))
     LOG.info("intensity landmarks of %d training volume(s): %s", volumes, ", ".join(f"{x:.1f}" for x in landmarks))
+    classes = tdata.target_class_landmarks(prepared, set(train_set.subject.tolist()))
+    LOG.info("class landmarks of the same volume(s): %s", ", ".join(f"{x:.1f}" for x in classes))
     meta["preprocessing"]["standardisation"] = model_entry(volumes)
     band, voxel = tdata.target_detail_band(prepared, set(train_set.subject.tolist()), landmarks)
     LOG.info("detail band (min, mean, max) of the standardised training volumes at %s mm: %s",
              " x ".join(f"{x:.2f}" for x in voxel), ", ".join(f"{x:.3f}" for x in band))
     meta["preprocessing"]["detail"] = detail_entry(volumes)
     extras = {"start_images": tdata.mean_start_images(train_set), "target_histogram": tdata.intensity_histogram(train_set),
-              LANDMARKS: landmarks, BAND: band, VOXEL: voxel}
+              LANDMARKS: landmarks, CLASS_LANDMARKS: classes, BAND: band, VOXEL: voxel}
     if opts.field_volumes:
         typical = tdata.target_field(prepared, set(train_set.subject.tolist()), landmarks, opts.field_volumes, opts.random_seed)
         if typical is not None:

@@ -238,8 +238,17 @@ def _standardisation_text(meta: dict) -> str:
     return ("Its intensities were then standardised onto the target's scale, volume-wide and before any slicing, with a "
             "piecewise-linear map through intensity landmarks in the manner of Nyúl et al. {nyul}: the image minimum and the "
             f"{pct}th percentiles of a region deep inside the head (no brain mask), mapped onto the mean landmarks of the "
-            "target's training images; the output is on that standard scale. " + _field_text(std.get("Field"))
+            "target's training images; the output is on that standard scale. " + _class_pass_text(std.get("ClassPass"))
+            + _field_text(std.get("Field"))
             + _detail_text(std.get("Detail")))
+
+
+def _class_pass_text(cp) -> str:
+    if not isinstance(cp, dict):
+        return ""
+    return ("A second monotone piecewise-linear map followed, through quantiles within the three intensity classes of a "
+            "1D k-means of the same region (CSF-, grey- and white-like) onto the target's training images' own class "
+            "quantiles, so that the image keeps its tissue composition rather than taking the target's mean one. ")
 
 
 def _field_text(field) -> str:

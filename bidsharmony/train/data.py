@@ -57,6 +57,24 @@ def target_landmarks(prepared, subjects: set) -> tuple[np.ndarray, int]:
         raise BidsHarmonyError(f"cannot fit the target's intensity landmarks: {e}") from None
 
 
+def target_class_landmarks(prepared, subjects: set) -> np.ndarray:
+    """The class pass's target landmarks (``image.standardise.fit_class_landmarks``) on the resampled
+    volumes of ``subjects``, one volume in memory at a time."""
+    import nibabel as nb
+
+    from bidsharmony.errors import BidsHarmonyError
+    from bidsharmony.image.standardise import fit_class_landmarks
+
+    paths = [run.resampled for run in prepared if run.subject in subjects]
+    if not paths:
+        raise BidsHarmonyError("no training volume to fit the class landmarks on")
+    zooms = nb.load(paths[0]).header.get_zooms()[:3]
+    try:
+        return fit_class_landmarks((np.asanyarray(nb.load(p).dataobj, dtype=np.float32) for p in paths), zooms=zooms)
+    except ValueError as e:
+        raise BidsHarmonyError(f"cannot fit the target's class landmarks: {e}") from None
+
+
 def target_detail_band(prepared, subjects: set, landmarks) -> tuple[np.ndarray, np.ndarray]:
     """((min, mean, max) detail level, acquired voxel size) of the target (``bidsharmony.image.detail``):
     the voxel size is the median over the original T1w of ``subjects`` (RAS axes); the levels are

@@ -20,8 +20,8 @@ from bidsharmony.interfaces.standardise import Standardise
 from bidsharmony.space import DEFAULT, Space
 
 
-def init_slices_wf(*, space: Space = DEFAULT, omp_nthreads: int = 1, landmarks=None, detail_band=None, detail_voxel=None,
-                   detail_model=None, field_model=None,
+def init_slices_wf(*, space: Space = DEFAULT, omp_nthreads: int = 1, landmarks=None, class_landmarks=None, detail_band=None,
+                   detail_voxel=None, detail_model=None, field_model=None,
                    name: str = "slices_wf"):
     """T1w -> canonical isotropic volume [-> standardised onto ``landmarks`` [-> a foreign bias field
     undone -> detail-matched to ``detail_band``]] -> normalised slices on the model grid.
@@ -37,6 +37,9 @@ def init_slices_wf(*, space: Space = DEFAULT, omp_nthreads: int = 1, landmarks=N
     landmarks : (array, list) or None
         The model's (standard landmarks, percentiles) (``model_landmarks``), read once when the
         workflow is built, not once per run in each node; None: no standardisation (training).
+    class_landmarks : array or None
+        The model's class landmarks (``model_class_landmarks``): the class pass follows the
+        percentile map; None: the percentile map alone.
     detail_band : array or None
         The model's (min, mean, max) detail band; None: no detail matching.
     detail_voxel : array or None
@@ -76,6 +79,8 @@ def init_slices_wf(*, space: Space = DEFAULT, omp_nthreads: int = 1, landmarks=N
         return wf
     standard, percentiles = landmarks
     standardise = pe.Node(Standardise(standard=[float(x) for x in standard], percentiles=percentiles), name="standardise", mem_gb=1.5)
+    if class_landmarks is not None:
+        standardise.inputs.class_standard = [float(x) for x in class_landmarks]
     if field_model is not None:
         standardise.inputs.field_model = str(field_model)
     if detail_band is not None:
@@ -157,6 +162,23 @@ def resolve_field(requested: str, detail: str, config: dict, model) -> str:
     return "n4-typical"
 
 
+def resolve_classes(requested: str, standardise: str, model, read: tuple | None = None):
+    """(``tissue`` or ``none``, the model's class landmarks or None): ``tissue`` needs the standardisation
+    and a model with class landmarks, and is refused otherwise."""
+    from bidsharmony.errors import ModelError
+    from bidsharmony.flow.checkpoint import model_class_landmarks
+
+    if requested == "none":
+        return "none", None
+    if standardise != "landmarks":
+        raise ModelError(f"{model}: --classes tissue needs the standardisation; drop --standardise none or pass --classes none")
+    found = model_class_landmarks(model, read)
+    if found is None:
+        raise ModelError(f"{model}: the model has no class landmarks; refit them (benchmarks/fit_landmarks.py --classes-only) "
+                         "or pass --classes none")
+    return "tissue", found
+
+
 def resolve_standardise(requested: str, config: dict, model) -> str:
     """``auto`` → ``landmarks`` where the model holds landmarks, else ``none`` (with a warning);
     ``landmarks`` with a model without them is refused."""
@@ -187,7 +209,7 @@ def init_harmonize_wf(
 ):
     """Harmonize one T1w with a flow model.
 
-    resample (1.2 mm RAS) → standardise (onto the model's intensity landmarks, volume-wide) →
+    resample (1.2 mm RAS) → standardise (onto the model's intensity landmarks, volume-wide, then its class landmarks) →
     slice → harmonize (the flow loop) → reassemble (native grid, or the 1.2 mm one).
 
     Parameters
@@ -215,6 +237,7 @@ def init_harmonize_wf(
         landmarks = model_landmarks(model, read)
         if landmarks[0] is None:
             raise ModelError(f"{model}: the model has no intensity landmarks in its weights; retrain it or pass --standardise none")
+    params.classes, class_landmarks = resolve_classes(params.classes, params.standardise, model, read)
     params.detail, band, detail_voxel = resolve_detail(params.detail, params.standardise, model, read)
     params.denoiser = resolve_denoiser(params.denoiser, params.detail, config, model)
     params.field = resolve_field(params.field, params.detail, config, model)
@@ -226,6 +249,7 @@ def init_harmonize_wf(
         space=Space.of_model(config),
         omp_nthreads=omp_nthreads,
         landmarks=landmarks,
+        class_landmarks=class_landmarks,
         detail_band=band,
         detail_voxel=detail_voxel,
         detail_model=model if params["denoiser"] == "learned" else None,

@@ -158,6 +158,7 @@ def test_sidecars_record_provenance(participant_run, tiny_model):
             "iterations": 2, "alpha": 0.001, "beta_fidelity": 1000.0, "beta_gradient": 0.001, "similarity": "cosine",
             "start": "source", "solver": "alternating", "latent_lr": 0.05, "batch_size": 8, "seed": 0,
             "standardise": "landmarks",  # auto, resolved: the model train wrote has landmarks
+            "classes": "none",  # the class pass is opt-in
             "detail": "match",  # auto, resolved: and a detail band
             "denoiser": "learned",  # auto, resolved: and a learned denoiser
             "field": "n4-typical",  # auto, resolved: and a typical field

@@ -182,3 +182,6 @@ def test_the_participant_sidecar_and_methods_name_the_standardisation(participan
         assert meta["IntensityScale"] == "standard" and meta["Parameters"]["standardise"] == "landmarks"
         assert len(meta["Standardisation"]["SourceLandmarks"]) == len(meta["Standardisation"]["Percentiles"]) + 1
         assert "Nyúl" in plain(meta) and "standard scale" in plain(meta)
+        assert "ClassPass" not in meta["Standardisation"] and "tissue composition" not in plain(meta)
+    meta["Standardisation"]["ClassPass"] = {"SourceLandmarks": [0, 1], "StandardLandmarks": [0, 1]}  # as --classes tissue records it
+    assert "1D k-means" in plain(meta) and "keeps its tissue composition" in plain(meta)

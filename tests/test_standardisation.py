@@ -112,7 +112,7 @@ def test_the_class_pass_is_off_by_default_and_refused_where_it_cannot_run(tiny_m
         init_harmonize_wf(model=tmp_path / "old", params={"classes": "tissue"}, device="cpu")
     with pytest.raises(ModelError, match="--classes tissue needs the standardisation"):
         init_harmonize_wf(model=tiny_model, params={"classes": "tissue", "standardise": "none"}, device="cpu")
-    out, info = _harmonize(tiny_model, _t1w(example_bids, "2"), tmp_path / "run", detail="none")
+    _, info = _harmonize(tiny_model, _t1w(example_bids, "2"), tmp_path / "run", detail="none")
     assert info["Parameters"]["classes"] == "none" and "ClassPass" not in info["Standardisation"]
 
 

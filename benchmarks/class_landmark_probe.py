@@ -43,6 +43,7 @@ from bidsharmony.image.standardise import (
     PERCENTILES,
     VOXEL_MM,
     _increasing,
+    class_landmarks,
     landmark_region,
     on_standard_scale,
     piecewise_linear,
@@ -56,10 +57,8 @@ SHIPPED = "percentiles (shipped)"
 
 def class_points(x: np.ndarray) -> dict[str, np.ndarray]:
     """Class-centre landmark points of region intensities ``x`` (without the minimum)."""
-    km = scores.kmeans1d(x)[0]
-    labels = np.searchsorted((km[1:] + km[:-1]) / 2, x)
-    within = [np.percentile(x[labels == c], q) for c, q in ((0, [50]), (1, [25, 50, 75]), (2, [25, 50, 75, 95]))]
-    return {"k-means": km, "k-means, 5 classes": scores.kmeans1d(x, k=5)[0], "class quantiles": np.concatenate(within)}
+    within = class_landmarks(x, np.ones(x.shape, bool))[1:]  # the package's class pass points (CLASS_POINTS)
+    return {"k-means": scores.kmeans1d(x)[0], "k-means, 5 classes": scores.kmeans1d(x, k=5)[0], "class quantiles": within}
 
 
 def landmark_sets(grid: np.ndarray, region: np.ndarray) -> dict[str, np.ndarray]:

@@ -12,8 +12,8 @@ each resampled training volume, standardised onto the landmarks and measured at 
 volumes' median acquired voxel size (stored beside the band). ``--detail-only`` keeps the folder's
 landmarks and adds the band and voxel size alone.
 
-The class landmarks (the standardisation's class pass, ``image.standardise.fit_class_landmarks``) are
-fitted on the same resampled volumes; ``--classes-only`` keeps everything else and adds them alone.
+The class landmarks (the standardisation's class pass) are fitted in the same pass over the same
+resampled volumes (``image.standardise.fit_target_scale``); ``--classes-only`` keeps everything else and adds them alone.
 
     python benchmarks/fit_landmarks.py bidsharmony/data/models/ixi-hh-fast --data ../shared/data/ixi-hh [--detail-only | --classes-only]
 """
@@ -35,7 +35,7 @@ from bidsharmony.image.detail import BAND, VOXEL, at_resolution, detail_level, f
 from bidsharmony.image.detail import model_entry as detail_entry
 from bidsharmony.image.io import load_t1w
 from bidsharmony.image.resample import canonical, resample_isotropic
-from bidsharmony.image.standardise import CLASS_LANDMARKS, LANDMARKS, fit_class_landmarks, fit_landmarks, model_entry, standardise
+from bidsharmony.image.standardise import CLASS_LANDMARKS, LANDMARKS, fit_target_scale, model_entry, standardise
 
 
 def main() -> None:
@@ -68,7 +68,12 @@ def main() -> None:
                 print(f"{i}/{len(subjects)} volumes, {time.perf_counter() - t0:.0f} s", flush=True)
 
     zooms = (voxel,) * 3
-    classes = fit_class_landmarks(volumes(), zooms=zooms) if not args.detail_only else None
+    if args.detail_only:
+        landmarks, classes = tensors[f"extra.{LANDMARKS}"].double().numpy(), None
+    else:
+        landmarks, classes = fit_target_scale(volumes(), zooms=zooms)
+        if args.classes_only:
+            landmarks = tensors[f"extra.{LANDMARKS}"].double().numpy()
     if classes is not None:
         print("class landmarks:", np.round(classes, 3).tolist())
         tensors[f"extra.{CLASS_LANDMARKS}"] = torch.as_tensor(classes, dtype=torch.float64)
@@ -77,10 +82,6 @@ def main() -> None:
         rewrite_model_folder(args.model, tensors, cfg, args.keep_card)
         print(f"written {args.model} in {time.perf_counter() - t0:.0f} s")
         return
-    if args.detail_only:
-        landmarks = tensors[f"extra.{LANDMARKS}"].double().numpy()
-    else:
-        landmarks = fit_landmarks(volumes(), zooms=zooms)
     print("standard landmarks:", np.round(landmarks, 3).tolist())
     target = np.median([ras_voxel_mm(nib.load(path(sub)).affine) for sub in subjects], axis=0)
     band = fit_band(detail_level(at_resolution(standardise(v, landmarks, zooms=zooms), affine, a, target), zooms)

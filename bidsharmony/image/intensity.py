@@ -75,8 +75,12 @@ def prepare(grid: np.ndarray, grid_affine: np.ndarray, standard, percentiles, *,
     standard, percentiles = np.asarray(standard, np.float64), list(percentiles)
     if zooms is None:
         zooms = tuple(float(z) for z in np.linalg.norm(np.asarray(grid_affine)[:3, :3], axis=0))
+    # The landmark region, found once: the landmarks, the class pass and the field stage all measure in it.
+    needed = source_landmarks is None or class_standard is not None or typical is not None
+    region = std.landmark_region(grid, zooms) if needed else None
     try:
-        source = std.volume_landmarks(grid, percentiles, zooms) if source_landmarks is None else np.asarray(source_landmarks, np.float64)
+        source = (std.volume_landmarks(grid, percentiles, zooms, region=lambda *_: region) if source_landmarks is None
+                  else np.asarray(source_landmarks, np.float64))
     except ValueError as e:
         raise StageError(f"cannot standardise its intensities ({e})") from None
     out = std.standardise(grid, standard, percentiles, source_landmarks=source)
@@ -84,7 +88,7 @@ def prepare(grid: np.ndarray, grid_affine: np.ndarray, standard, percentiles, *,
     if class_standard is not None:
         class_standard = np.asarray(class_standard, np.float64)
         try:
-            out, classes = std.class_pass(out, class_standard, std.landmark_region(grid, zooms))
+            out, classes = std.class_pass(out, class_standard, region)
         except ValueError as e:
             raise StageError(f"cannot standardise its intensities ({e})") from None
     record = std.record(source, standard, percentiles, classes, class_standard)
@@ -100,8 +104,8 @@ def prepare(grid: np.ndarray, grid_affine: np.ndarray, standard, percentiles, *,
         if "Detail" in record and record["Detail"]["Action"] != "none":
             record["Field"] = {"Method": "n4-typical", "Weight": 0.0, "Skipped": "the detail stage changed the volume"}
         else:
-            out, mapped, record["Field"] = _field(grid, zooms, out, grid_affine, data, mapped, affine, typical, standard, percentiles,
-                                                  class_standard)
+            out, mapped, record["Field"] = _field(grid, region, out, grid_affine, data, mapped, affine, typical, standard,
+                                                  percentiles, class_standard)
     return Prepared(np.asarray(out, np.float32), mapped, record)
 
 
@@ -125,16 +129,14 @@ def _detail(out, grid_affine, mapped, affine, band, target_voxel, denoiser, name
     return np.asarray(out, np.float32), mapped, detail
 
 
-def _field(grid, zooms, out, grid_affine, data, mapped, affine, typical, standard, percentiles, class_standard):
+def _field(grid, region, out, grid_affine, data, mapped, affine, typical, standard, percentiles, class_standard):
     """The foreign part of the native voxels' field undone (``data`` as acquired, ``mapped`` through the
-    first map), their landmarks measured again in the grid's first landmark region."""
+    first map), their landmarks measured again in the grid's first landmark ``region``."""
     from bidsharmony.image import field
     from bidsharmony.image.resample import resample_onto
-    from bidsharmony.image.standardise import landmark_region
-
     try:
         mapped, rec = field.undo(data, affine, mapped, typical, standard, percentiles, (grid.shape, grid_affine),
-                                 landmark_region(grid, zooms), class_standard)
+                                 region, class_standard)
     except ValueError as e:
         raise StageError(f"cannot estimate its bias field ({e})") from None
     if rec["Weight"] == 0:

@@ -156,18 +156,20 @@ def class_landmarks(standardised: np.ndarray, region: np.ndarray) -> np.ndarray:
     return np.concatenate([[0.0], *points])
 
 
-def fit_class_landmarks(volumes: Iterable[np.ndarray], percentiles=PERCENTILES, zooms=VOXEL_MM) -> np.ndarray:
-    """The target's class landmarks: the mean of ``class_landmarks`` over training volumes (canonical, voxel
-    size ``zooms``), each put affinely onto the standard scale (its own landmark shape, its anatomy untouched)."""
-    found = []
+def fit_target_scale(volumes: Iterable[np.ndarray], percentiles=PERCENTILES, zooms=VOXEL_MM) -> tuple[np.ndarray, np.ndarray]:
+    """(standard landmarks, class landmarks) of the training volumes in one pass (each read and its region
+    found once). The standard landmarks are ``fit_landmarks``'; the class landmarks are the mean of
+    ``class_landmarks`` of each volume mapped affinely onto its own landmark shape (its anatomy untouched)."""
+    shapes, classes = [], []
     for v in volumes:
         v = np.asarray(v, np.float32)
-        lm = volume_landmarks(v, percentiles, zooms)
-        found.append(class_landmarks(standardise(v, on_standard_scale(lm), percentiles, source_landmarks=lm),
-                                     landmark_region(v, zooms)))
-    if not found:
-        raise ValueError("fit_class_landmarks needs at least one training volume")
-    return np.mean(found, axis=0)
+        region = landmark_region(v, zooms)
+        lm = volume_landmarks(v, percentiles, zooms, region=lambda *_, r=region: r)
+        shapes.append(on_standard_scale(lm))
+        classes.append(class_landmarks(standardise(v, shapes[-1], percentiles, source_landmarks=lm), region))
+    if not shapes:
+        raise ValueError("fitting the target's scale needs at least one training volume")
+    return np.mean(shapes, axis=0), np.mean(classes, axis=0)
 
 
 def class_pass(standardised: np.ndarray, class_standard: np.ndarray, region: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

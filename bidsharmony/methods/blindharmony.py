@@ -170,9 +170,8 @@ def train(opts, runs, *, device: str, steps: int, batch: int, run_workflow) -> N
             "slices_validation": len(val),
         },
     }
-    landmarks, volumes = tdata.target_landmarks(prepared, set(train_set.subject.tolist()))
+    landmarks, classes, volumes = tdata.target_landmarks(prepared, set(train_set.subject.tolist()))
     LOG.info("intensity landmarks of %d training volume(s): %s", volumes, ", ".join(f"{x:.1f}" for x in landmarks))
-    classes = tdata.target_class_landmarks(prepared, set(train_set.subject.tolist()))
     LOG.info("class landmarks of the same volume(s): %s", ", ".join(f"{x:.1f}" for x in classes))
     meta["preprocessing"]["standardisation"] = model_entry(volumes)
     band, voxel = tdata.target_detail_band(prepared, set(train_set.subject.tolist()), landmarks)

@@ -38,41 +38,25 @@ class SliceSet:
         return SliceSet(self.codes[mask], self.subject[mask], self.position_bin[mask])
 
 
-def target_landmarks(prepared, subjects: set) -> tuple[np.ndarray, int]:
-    """(standard landmarks, how many volumes) fitted on the resampled volumes of ``subjects``
-    (``prepared``: a ``PreparedRun`` per run), one volume in memory at a time: the target's
-    intensity scale that harmonization maps every source onto."""
+def target_landmarks(prepared, subjects: set) -> tuple[np.ndarray, np.ndarray, int]:
+    """(standard landmarks, class landmarks, how many volumes) fitted on the resampled volumes of
+    ``subjects`` (``prepared``: a ``PreparedRun`` per run), one volume in memory at a time and each read
+    once (``image.standardise.fit_target_scale``): the target's intensity scale that harmonization maps
+    every source onto, and the class pass's target."""
     import nibabel as nb
 
     from bidsharmony.errors import BidsHarmonyError
-    from bidsharmony.image.standardise import fit_landmarks
+    from bidsharmony.image.standardise import fit_target_scale
 
     paths = [run.resampled for run in prepared if run.subject in subjects]
     if not paths:
         raise BidsHarmonyError("no training volume to fit the intensity landmarks on")
     zooms = nb.load(paths[0]).header.get_zooms()[:3]  # every resampled volume has the same voxel size
     try:
-        return fit_landmarks((np.asanyarray(nb.load(p).dataobj, dtype=np.float32) for p in paths), zooms=zooms), len(paths)
+        landmarks, classes = fit_target_scale((np.asanyarray(nb.load(p).dataobj, dtype=np.float32) for p in paths), zooms=zooms)
     except ValueError as e:
         raise BidsHarmonyError(f"cannot fit the target's intensity landmarks: {e}") from None
-
-
-def target_class_landmarks(prepared, subjects: set) -> np.ndarray:
-    """The class pass's target landmarks (``image.standardise.fit_class_landmarks``) on the resampled
-    volumes of ``subjects``, one volume in memory at a time."""
-    import nibabel as nb
-
-    from bidsharmony.errors import BidsHarmonyError
-    from bidsharmony.image.standardise import fit_class_landmarks
-
-    paths = [run.resampled for run in prepared if run.subject in subjects]
-    if not paths:
-        raise BidsHarmonyError("no training volume to fit the class landmarks on")
-    zooms = nb.load(paths[0]).header.get_zooms()[:3]
-    try:
-        return fit_class_landmarks((np.asanyarray(nb.load(p).dataobj, dtype=np.float32) for p in paths), zooms=zooms)
-    except ValueError as e:
-        raise BidsHarmonyError(f"cannot fit the target's class landmarks: {e}") from None
+    return landmarks, classes, len(paths)
 
 
 def target_detail_band(prepared, subjects: set, landmarks) -> tuple[np.ndarray, np.ndarray]:

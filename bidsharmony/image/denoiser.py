@@ -13,9 +13,7 @@ benchmark's noise scanner after 7000 steps on 2 CPU cores, beyond every classica
 it also changes scans without added noise (−0.9 to −2 dB), so it may only run where the detail level
 says the scan is noisier than the target's (``bidsharmony.image.detail``).
 
-Architecture: three levels (c, 2c, 4c channels), two 3×3×3 convolutions with leaky ReLU per level,
-average pooling down, transposed convolutions up, skip connections, a 1×1×1 convolution out. The
-input is padded (replicate) to a multiple of 4 and the output cropped back, so any volume shape works.
+Architecture: the small 3D U-Net of ``bidsharmony.image.unet`` (shared with the brain mask).
 """
 
 from __future__ import annotations
@@ -27,54 +25,17 @@ SCALE = 100.0  # the standard scale's top landmark: the network sees volumes / S
 
 
 def build(channels: int = 16):
-    """A freshly initialised network (torch is imported here, not at module import)."""
-    import torch
-    from torch import nn
+    """A freshly initialised network (``bidsharmony.image.unet``, one input and one output channel)."""
+    from bidsharmony.image.unet import build as unet
 
-    def block(i, o):
-        return nn.Sequential(nn.Conv3d(i, o, 3, padding=1), nn.LeakyReLU(0.1), nn.Conv3d(o, o, 3, padding=1), nn.LeakyReLU(0.1))
-
-    class UNet3D(nn.Module):
-        def __init__(self, c: int):
-            super().__init__()
-            self.e1, self.e2, self.e3 = block(1, c), block(c, 2 * c), block(2 * c, 4 * c)
-            self.u2, self.d2 = nn.ConvTranspose3d(4 * c, 2 * c, 2, stride=2), block(4 * c, 2 * c)
-            self.u1, self.d1 = nn.ConvTranspose3d(2 * c, c, 2, stride=2), block(2 * c, c)
-            self.out = nn.Conv3d(c, 1, 1)
-
-        def forward(self, x):
-            pad = [(-s) % 4 for s in x.shape[2:]]
-            xp = nn.functional.pad(x, [q for p in reversed(pad) for q in (0, p)], mode="replicate")
-            a = self.e1(xp)
-            b = self.e2(nn.functional.avg_pool3d(a, 2))
-            c = self.e3(nn.functional.avg_pool3d(b, 2))
-            b = self.d2(torch.cat([self.u2(c), b], 1))
-            a = self.d1(torch.cat([self.u1(b), a], 1))
-            return self.out(a)[..., : x.shape[2], : x.shape[3], : x.shape[4]]
-
-    return UNet3D(channels)
-
-
-CHUNK = 96  # slices of the last RAS axis run at once: bounds the activations' memory on large grids
-MARGIN = 24  # context either side of a chunk, beyond the network's receptive radius (~22 voxels)
+    return unet(channels)
 
 
 def _run(net, v: np.ndarray) -> np.ndarray:
-    """D(v / SCALE) · SCALE over a RAS-ordered volume, in chunks of ``CHUNK`` slices along the last
-    axis with ``MARGIN`` slices of context each side (multiples of 4, the pooling's period, so a
-    chunk computes what the whole volume would)."""
-    import torch
+    """D(v / SCALE) · SCALE over a RAS-ordered volume, in chunks (``unet.run``)."""
+    from bidsharmony.image.unet import run
 
-    device = next(net.parameters()).device
-    out = np.empty(v.shape, np.float32)
-    n = v.shape[2]
-    with torch.no_grad():
-        for start in range(0, n, CHUNK):
-            stop = min(start + CHUNK, n)
-            lo, hi = max(start - MARGIN, 0), min(stop + MARGIN, n)
-            x = torch.from_numpy(np.ascontiguousarray(v[..., lo:hi]) / SCALE)[None, None].to(device)
-            out[..., start:stop] = net(x)[0, 0, ..., start - lo: stop - lo].cpu().numpy()
-    return SCALE * out
+    return SCALE * run(net, v / SCALE)
 
 
 def denoise(net, volume: np.ndarray, affine: np.ndarray | None = None) -> np.ndarray:
@@ -96,22 +57,10 @@ def denoise(net, volume: np.ndarray, affine: np.ndarray | None = None) -> np.nda
 
 
 def state_shapes(channels: int):
-    """(name, shape) of every tensor of ``build(channels)``, without building it (``modelfolder.check_shapes``)."""
-    c = int(channels)
-    if not 1 <= c <= 256:
-        raise ValueError(f"denoiser channels {c} outside 1..256")
-    convs = {"e1": (1, c), "e2": (c, 2 * c), "e3": (2 * c, 4 * c), "d2": (4 * c, 2 * c), "d1": (2 * c, c)}
-    for name, (i, o) in convs.items():
-        yield f"{name}.0.weight", (o, i, 3, 3, 3)
-        yield f"{name}.0.bias", (o,)
-        yield f"{name}.2.weight", (o, o, 3, 3, 3)
-        yield f"{name}.2.bias", (o,)
-    yield "u2.weight", (4 * c, 2 * c, 2, 2, 2)
-    yield "u2.bias", (2 * c,)
-    yield "u1.weight", (2 * c, c, 2, 2, 2)
-    yield "u1.bias", (c,)
-    yield "out.weight", (1, c, 1, 1, 1)
-    yield "out.bias", (1,)
+    """(name, shape) of every tensor of ``build(channels)`` (``unet.state_shapes``)."""
+    from bidsharmony.image.unet import state_shapes as shapes
+
+    return shapes(channels)
 
 
 def from_tensors(tensors: dict, channels: int, folder=None):

@@ -8,7 +8,7 @@ from scipy import ndimage
 torch = pytest.importorskip("torch")
 
 from bidsharmony.errors import OutputError
-from bidsharmony.image import denoiser as dn
+from bidsharmony.image import unet
 from bidsharmony.image.denoiser import SCALE, build, denoise
 from bidsharmony.train.denoiser import DenoiserConfig, fit, training_pairs
 
@@ -51,7 +51,7 @@ def test_any_orientation_gives_the_ras_result_and_chunks_compute_the_whole(monke
     net = build(4).eval()
     ras = np.random.default_rng(2).random((20, 24, 30)).astype(np.float32) * SCALE
     whole = denoise(net, ras)
-    monkeypatch.setattr(dn, "CHUNK", 8)  # four chunks of the last axis, each with its margin
+    monkeypatch.setattr(unet, "CHUNK", 8)  # four chunks of the last axis, each with its margin
     np.testing.assert_allclose(denoise(net, ras), whole, rtol=0, atol=1e-4)
     pir = np.array([[0, 0, -2.0, 0], [-2.0, 0, 0, 0], [0, 2.0, 0, 0], [0, 0, 0, 1]])  # posterior, inferior, right
     to_pir = nb.orientations.ornt_transform(nb.orientations.axcodes2ornt("RAS"), nb.orientations.io_orientation(pir))

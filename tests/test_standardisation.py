@@ -187,3 +187,51 @@ def test_the_participant_sidecar_and_methods_name_the_standardisation(participan
         assert "ClassPass" not in meta["Standardisation"] and "tissue composition" not in plain(meta)
     meta["Standardisation"]["ClassPass"] = {"SourceLandmarks": [0, 1], "StandardLandmarks": [0, 1]}  # as --classes tissue records it
     assert "1D k-means" in plain(meta) and "keeps its tissue composition" in plain(meta)
+
+
+def _with_brain_mask(tiny_model, folder, landmarks):
+    """The tiny model with a learned brain mask that finds brain everywhere (a zero last layer, bias +10) and
+    ``landmarks`` as the landmarks measured in it: what the workflow does with a mask, not how good one is."""
+    import torch
+
+    from bidsharmony.image import brainmask as bm
+    from bidsharmony.image.unet import build
+    from bidsharmony.train.brainmask import to_tensors
+
+    cfg, tensors = read_folder(tiny_model)
+    net = build(4)
+    with torch.no_grad():
+        net.out.weight.zero_()
+        net.out.bias.fill_(10.0)
+    tensors |= to_tensors(net)
+    tensors[f"extra.{bm.LANDMARKS}"] = torch.as_tensor(np.asarray(landmarks, np.float64))
+    tensors[f"extra.{bm.CLASS_LANDMARKS}"] = tensors[f"extra.{CLASS_LANDMARKS}"].clone()
+    cfg["preprocessing"]["standardisation"]["brain_mask"] = {"architecture": "unet3d", "channels": 4}
+    del cfg["weights_sha256"]
+    write_folder(folder, tensors, cfg)
+    return folder
+
+
+def test_landmarks_are_measured_in_the_learned_brain_mask_where_the_model_holds_one(tiny_model, example_bids, tmp_path):
+    """auto: the brain where the model holds a mask, with the landmarks measured in it as the target's; the blind
+    region where it holds none; ``brain`` refused without a mask or without the standardisation."""
+    standard = np.array([0.0, 20.0, 45.0, 60.0, 75.0, 100.0])
+    model = _with_brain_mask(tiny_model, tmp_path / "brain", standard)
+    t1w = _t1w(example_bids, "2")
+    _, info = _harmonize(model, t1w, tmp_path / "auto", output_space="harmonization", detail="none")
+    std = info["Standardisation"]
+    assert info["Parameters"]["landmark_region"] == "brain" and std["Region"] == "learned brain mask"
+    np.testing.assert_allclose(std["StandardLandmarks"], standard)
+    img, data = load_t1w(t1w)
+    grid = resample_isotropic(*canonical(data, img.affine), 1.2)[0]
+    everywhere = volume_landmarks(grid, std["Percentiles"], region=lambda v, z: np.ones(v.shape, bool))
+    np.testing.assert_allclose(std["SourceLandmarks"], everywhere, rtol=1e-4)  # this mask finds brain in every voxel
+    _, head = _harmonize(model, t1w, tmp_path / "head", detail="none", landmark_region="head")
+    assert head["Parameters"]["landmark_region"] == "head" and "Region" not in head["Standardisation"]
+    np.testing.assert_allclose(head["Standardisation"]["StandardLandmarks"], model_landmarks(tiny_model)[0])
+    _, plain = _harmonize(tiny_model, t1w, tmp_path / "plain", detail="none")
+    assert plain["Parameters"]["landmark_region"] == "head"
+    with pytest.raises(ModelError, match="no learned brain mask"):
+        init_harmonize_wf(model=tiny_model, params={"landmark_region": "brain"}, device="cpu")
+    with pytest.raises(ModelError, match="--landmark-region brain needs the standardisation"):
+        init_harmonize_wf(model=model, params={"landmark_region": "brain", "standardise": "none"}, device="cpu")

@@ -181,6 +181,30 @@ def model_denoiser(folder, read: tuple | None = None):
     return from_tensors(tensors, int(entry.get("channels", 16)), folder)
 
 
+def model_brainmask(folder, read: tuple | None = None):
+    """(network, standard landmarks, class landmarks) of the learned brain mask a model folder holds
+    (``bidsharmony.image.brainmask``: tensors under ``brainmask.``, the landmarks measured in it as
+    ``extra.brain_landmarks`` and ``extra.brain_class_landmarks``, its entry in
+    ``preprocessing.standardisation.brain_mask``), or None where it holds none."""
+    from bidsharmony.image import brainmask as bm
+    from bidsharmony.image.standardise import CLASS_POINTS
+
+    cfg, tensors = read or read_folder(folder)
+    entry = ((cfg.get("preprocessing") or {}).get("standardisation") or {}).get("brain_mask")
+    if not entry:
+        return None
+    if entry.get("architecture") != "unet3d":
+        raise ModelError(f"{Path(folder) / CONFIG}: brain mask architecture {entry.get('architecture')!r} is not unet3d")
+    percentiles = cfg["preprocessing"]["standardisation"].get("percentiles", [])
+    found = []
+    for name, size in ((bm.LANDMARKS, len(percentiles) + 1), (bm.CLASS_LANDMARKS, 1 + sum(len(q) for q in CLASS_POINTS))):
+        t = tensors.get(f"extra.{name}")
+        if t is None or t.ndim != 1 or t.numel() != size:
+            raise ModelError(f"{Path(folder) / WEIGHTS}: extra.{name} missing or not {size} values, though {CONFIG} has a brain mask")
+        found.append(t.double().numpy())
+    return bm.from_tensors(tensors, int(entry.get("channels", 8)), folder), found[0], found[1]
+
+
 def model_field(folder, read: tuple | None = None):
     """The target's typical field a model folder holds (``bidsharmony.image.field.TypicalField``; its
     tensors ``field_*``, its entry ``preprocessing.field``), or None."""

@@ -28,6 +28,7 @@ DETAILS = ("auto", "match", "none")
 DENOISERS = ("auto", "learned", "non-local-means", "none")  # auto: learned where the model holds one; none: no detail stage
 FIELDS = ("auto", "n4-typical", "none")  # auto: where the model holds the target's typical field
 CLASS_PASSES = ("none", "tissue")  # tissue: needs the model's class landmarks
+LANDMARK_REGIONS = ("auto", "brain", "head")  # auto: brain where the model holds a learned brain mask
 
 
 @dataclass
@@ -57,6 +58,8 @@ class HarmonizeParams:
     # Off by default: on held-out heads it keeps a head's grey-matter fraction and its correlation with age
     # far better, but costs 1.5-2.8 dB of volume PSNR on the target's own scanner and on gamma > 1.
     classes: str = "none"
+    # Where the landmarks are measured: the brain a learned mask finds, or the blind region (docs/method.md §6).
+    landmark_region: str = "auto"
     # After it, denoise or sharpen the volume until its detail level is the target's (docs/method.md §8).
     detail: str = "auto"
     # Which denoiser the detail stage uses above the band (docs/method.md §8).
@@ -75,6 +78,8 @@ class HarmonizeParams:
             raise ValueError(f"standardise must be one of {STANDARDISATIONS}, not {self.standardise!r}")
         if self.classes not in CLASS_PASSES:
             raise ValueError(f"classes must be one of {CLASS_PASSES}, not {self.classes!r}")
+        if self.landmark_region not in LANDMARK_REGIONS:
+            raise ValueError(f"landmark_region must be one of {LANDMARK_REGIONS}, not {self.landmark_region!r}")
         if self.detail not in DETAILS:
             raise ValueError(f"detail must be one of {DETAILS}, not {self.detail!r}")
         if self.denoiser not in DENOISERS:

@@ -38,7 +38,8 @@ class Prepared:
 
 
 def prepare(grid: np.ndarray, grid_affine: np.ndarray, standard, percentiles, *, class_standard=None, zooms=None, native=None,
-            band=None, target_voxel=None, denoiser=None, typical=None, source_landmarks=None, name: str = "") -> Prepared:
+            band=None, target_voxel=None, denoiser=None, typical=None, source_landmarks=None, brain=None,
+            name: str = "") -> Prepared:
     """Run the intensity stages on one volume.
 
     Parameters
@@ -62,6 +63,10 @@ def prepare(grid: np.ndarray, grid_affine: np.ndarray, standard, percentiles, *,
         detail stage did nothing.
     source_landmarks
         The grid's landmarks when already measured (default: measured here).
+    brain
+        The model's learned brain mask (``image.brainmask``): with it, the landmarks, the class pass and
+        the field stage measure in the brain it finds instead of the blind region, and ``standard`` and
+        ``class_standard`` must be the model's landmarks measured in it (``extra.brain_landmarks``).
     name
         The source, as warnings name it.
 
@@ -77,7 +82,15 @@ def prepare(grid: np.ndarray, grid_affine: np.ndarray, standard, percentiles, *,
         zooms = tuple(float(z) for z in np.linalg.norm(np.asarray(grid_affine)[:3, :3], axis=0))
     # The landmark region, found once: the landmarks, the class pass and the field stage all measure in it.
     needed = source_landmarks is None or class_standard is not None or typical is not None
-    region = std.landmark_region(grid, zooms) if needed else None
+    region = None
+    if brain is not None and needed:
+        from bidsharmony.image.brainmask import region_on_grid
+
+        region = region_on_grid(brain, grid, zooms)
+        if not region.any():
+            raise StageError("cannot standardise its intensities (the learned brain mask found no brain in it)")
+    elif needed:
+        region = std.landmark_region(grid, zooms)
     try:
         source = (std.volume_landmarks(grid, percentiles, zooms, region=lambda *_: region) if source_landmarks is None
                   else np.asarray(source_landmarks, np.float64))
@@ -92,6 +105,8 @@ def prepare(grid: np.ndarray, grid_affine: np.ndarray, standard, percentiles, *,
         except ValueError as e:
             raise StageError(f"cannot standardise its intensities ({e})") from None
     record = std.record(source, standard, percentiles, classes, class_standard)
+    if brain is not None:
+        record["Region"] = "learned brain mask"
     if band is None and typical is None:
         return Prepared(out, None, record)
     if native is None:

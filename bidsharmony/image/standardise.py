@@ -156,14 +156,16 @@ def class_landmarks(standardised: np.ndarray, region: np.ndarray) -> np.ndarray:
     return np.concatenate([[0.0], *points])
 
 
-def fit_target_scale(volumes: Iterable[np.ndarray], percentiles=PERCENTILES, zooms=VOXEL_MM) -> tuple[np.ndarray, np.ndarray]:
+def fit_target_scale(volumes: Iterable[np.ndarray], percentiles=PERCENTILES, zooms=VOXEL_MM,
+                     region_of=landmark_region) -> tuple[np.ndarray, np.ndarray]:
     """(standard landmarks, class landmarks) of the training volumes in one pass (each read and its region
     found once). The standard landmarks are ``fit_landmarks``'; the class landmarks are the mean of
-    ``class_landmarks`` of each volume mapped affinely onto its own landmark shape (its anatomy untouched)."""
+    ``class_landmarks`` of each volume mapped affinely onto its own landmark shape (its anatomy untouched).
+    ``region_of(volume, zooms)``: where the landmarks are measured (the blind region, or a learned brain mask)."""
     shapes, classes = [], []
     for v in volumes:
         v = np.asarray(v, np.float32)
-        region = landmark_region(v, zooms)
+        region = region_of(v, zooms)
         lm = volume_landmarks(v, percentiles, zooms, region=lambda *_, r=region: r)
         shapes.append(on_standard_scale(lm))
         classes.append(class_landmarks(standardise(v, shapes[-1], percentiles, source_landmarks=lm), region))

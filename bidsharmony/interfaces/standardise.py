@@ -23,6 +23,9 @@ class _StandardiseInputSpec(BaseInterfaceInputSpec):
     target_voxel = traits.List(traits.Float, minlen=3, maxlen=3, desc="the target's acquired voxel size (RAS, mm) the band's "
                                "levels are measured at; unset: as the source was acquired")
     denoiser_model = traits.Str(desc="a model folder holding a learned denoiser, used above the band instead of non-local means")
+    brain_model = traits.Str(desc="a model folder holding a learned brain mask (``bidsharmony.image.brainmask``): the "
+                             "landmarks are measured in the brain it finds; ``standard`` and ``class_standard`` are then "
+                             "the model's landmarks measured in it")
     field_model = traits.Str(desc="a model folder holding the target's typical field (``bidsharmony.image.field``): the part of "
                              "the volume's field the target lacks is undone on the native voxels, which are then standardised again")
 
@@ -61,6 +64,11 @@ class Standardise(SimpleInterface):
             from bidsharmony.flow.checkpoint import model_denoiser
 
             denoiser = model_denoiser(self.inputs.denoiser_model)
+        brain = None
+        if isdefined(self.inputs.brain_model):
+            from bidsharmony.flow.checkpoint import model_brainmask
+
+            brain = model_brainmask(self.inputs.brain_model)[0]
         if band is not None or typical is not None:  # both stages act on the original T1w's voxels
             orig, data = self._source()
             native = (data, orig.affine)
@@ -69,7 +77,7 @@ class Standardise(SimpleInterface):
             done = prepare(volume, img.affine, self.inputs.standard, self.inputs.percentiles, class_standard=classes,
                            zooms=img.header.get_zooms()[:3], native=native, band=band,
                            target_voxel=self.inputs.target_voxel if isdefined(self.inputs.target_voxel) else None,
-                           denoiser=denoiser, typical=typical, name=self.inputs.source)
+                           denoiser=denoiser, typical=typical, brain=brain, name=self.inputs.source)
         except StageError as e:
             raise ImageError(f"{self.inputs.source or self.inputs.in_file}: {e}") from None
         if done.native is not None:

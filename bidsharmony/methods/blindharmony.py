@@ -26,6 +26,7 @@ def add_arguments(harmonization, training) -> None:
     g = harmonization
     g.add_argument("--standardise", choices=("auto", "landmarks", "none"), default="auto", help="flow: map each volume onto the model's intensity landmarks before slicing, so the output is on the target's scale (auto: where the model has landmarks; none: the published method, output on the input's scale)")
     g.add_argument("--classes", choices=("none", "tissue"), default="none", help="flow: tissue: after the percentile map, a second monotone map that puts the quantiles within the volume's CSF-, grey- and white-like intensity classes onto the target's (the model's class landmarks), so that a head keeps more of its own tissue composition, which percentiles alone pull towards the target's mean; it costs volume PSNR on some scanners (docs/method.md §6). none: the percentile map alone")
+    g.add_argument("--landmark-region", choices=("auto", "brain", "head"), default="auto", help="flow: where the standardisation measures a volume's landmarks. brain: in the brain found by the model's learned brain mask (a small 3D U-Net trained on the target's heads and their brain masks; it sees intensity ranks, so no monotone change of contrast moves it); head: in the blind region (the head deeper than 15 mm: skull, sinuses and eyes included); auto: brain where the model holds a learned brain mask (docs/method.md §6)")
     g.add_argument("--detail", choices=("auto", "match", "none"), default="auto", help="flow: after the standardisation, denoise or sharpen each volume until its detail level is inside the target's band (auto: where the model has a band; none: leave noise and sharpness as acquired)")
     g.add_argument("--denoiser", choices=("auto", "learned", "non-local-means"), default="auto", help="flow: what the detail stage denoises with (auto: the model's learned denoiser where it holds one, else non-local means)")
     g.add_argument("--field", choices=("auto", "n4-typical", "none"), default="auto", help="flow: after the standardisation, undo the part of the volume's smooth intensity (bias) field that no target head has: N4's field beyond what the target's own heads' fields span, weighted from 0 at the largest leftover of any training head, where the detail stage leaves the volume alone; about 10 s of N4 a volume on 2 CPU cores (docs/method.md §9). auto: where the model holds the typical field; none: leave the field as acquired")
@@ -65,6 +66,7 @@ def harmonize_params(opts, device: str) -> dict:
         seed=opts.random_seed,
         standardise=opts.standardise,
         classes=opts.classes,
+        landmark_region=opts.landmark_region,
         detail=opts.detail,
         denoiser=opts.denoiser,
         field=opts.field,

@@ -237,10 +237,18 @@ def _standardisation_text(meta: dict) -> str:
     pct = ", ".join(_num(x) for x in std.get("Percentiles") or [])
     return ("Its intensities were then standardised onto the target's scale, volume-wide and before any slicing, with a "
             "piecewise-linear map through intensity landmarks in the manner of Nyúl et al. {nyul}: the image minimum and the "
-            f"{pct}th percentiles of a region deep inside the head (no brain mask), mapped onto the mean landmarks of the "
-            "target's training images; the output is on that standard scale. " + _class_pass_text(std.get("ClassPass"))
+            f"{pct}th percentiles of {_region_text(std.get('Region'))}, mapped onto the mean landmarks of the "
+            "target's training images measured in the same way; the output is on that standard scale. "
+            + _class_pass_text(std.get("ClassPass"))
             + _field_text(std.get("Field"))
             + _detail_text(std.get("Detail")))
+
+
+def _region_text(region) -> str:
+    if region == "learned brain mask":
+        return ("the brain, as found by a small 3D U-Net trained on the target's training images and their brain masks "
+                "(its input is the image's intensity ranks within the head, which no monotone change of contrast alters)")
+    return "a region deep inside the head (no brain mask)"
 
 
 def _class_pass_text(cp) -> str:

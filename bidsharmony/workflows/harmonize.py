@@ -21,7 +21,7 @@ from bidsharmony.space import DEFAULT, Space
 
 
 def init_slices_wf(*, space: Space = DEFAULT, omp_nthreads: int = 1, landmarks=None, class_landmarks=None, detail_band=None,
-                   detail_voxel=None, detail_model=None, field_model=None,
+                   detail_voxel=None, detail_model=None, field_model=None, brain_model=None,
                    name: str = "slices_wf"):
     """T1w -> canonical isotropic volume [-> standardised onto ``landmarks`` [-> a foreign bias field
     undone -> detail-matched to ``detail_band``]] -> normalised slices on the model grid.
@@ -52,6 +52,10 @@ def init_slices_wf(*, space: Space = DEFAULT, omp_nthreads: int = 1, landmarks=N
         A model folder holding the target's typical field (``model_field``): the part of the
         volume's field the target's images lack is undone on the native voxels, before detail
         matching (they are standardised again after it); None: no field stage.
+    brain_model : path or None
+        A model folder holding a learned brain mask (``model_brainmask``): the landmarks are measured in
+        the brain it finds, and ``landmarks`` and ``class_landmarks`` must be the model's landmarks
+        measured in it; None: in the blind landmark region.
 
     Inputs: ``t1w``. Outputs: ``resampled`` (NIfTI: the volume the slices were cut from, standardised
     when ``landmarks`` are given), ``slices`` (.npy), ``record`` (.npz); with ``landmarks`` also
@@ -83,6 +87,8 @@ def init_slices_wf(*, space: Space = DEFAULT, omp_nthreads: int = 1, landmarks=N
         standardise.inputs.class_standard = [float(x) for x in class_landmarks]
     if field_model is not None:
         standardise.inputs.field_model = str(field_model)
+    if brain_model is not None:
+        standardise.inputs.brain_model = str(brain_model)
     if detail_band is not None:
         standardise.inputs.band = [float(x) for x in detail_band]
         if detail_voxel is not None:
@@ -179,6 +185,27 @@ def resolve_classes(requested: str, standardise: str, model, read: tuple | None 
     return "tissue", found
 
 
+def resolve_region(requested: str, standardise: str, model, read: tuple | None = None):
+    """(``brain`` or ``head``, the model's brain mask (``model_brainmask``) or None): ``auto`` → ``brain``
+    where the model holds a learned brain mask and the standardisation runs, else ``head`` (the blind
+    landmark region); ``brain`` without a mask or without the standardisation is refused."""
+    from bidsharmony.errors import ModelError
+    from bidsharmony.flow.checkpoint import model_brainmask
+
+    if requested == "head" or (requested == "auto" and standardise != "landmarks"):
+        return "head", None
+    if standardise != "landmarks":
+        raise ModelError(f"{model}: --landmark-region brain needs the standardisation; drop --standardise none or pass "
+                         "--landmark-region head")
+    found = model_brainmask(model, read)
+    if found is None:
+        if requested == "brain":
+            raise ModelError(f"{model}: the model has no learned brain mask (benchmarks/fit_brainmask.py adds one); pass "
+                             "--landmark-region head")
+        return "head", None
+    return "brain", found
+
+
 def resolve_standardise(requested: str, config: dict, model) -> str:
     """``auto`` → ``landmarks`` where the model holds landmarks, else ``none`` (with a warning);
     ``landmarks`` with a model without them is refused."""
@@ -238,6 +265,10 @@ def init_harmonize_wf(
         if landmarks[0] is None:
             raise ModelError(f"{model}: the model has no intensity landmarks in its weights; retrain it or pass --standardise none")
     params.classes, class_landmarks = resolve_classes(params.classes, params.standardise, model, read)
+    params.landmark_region, brain = resolve_region(params.landmark_region, params.standardise, model, read)
+    if brain is not None:  # the landmarks measured in the learned mask replace the blind region's
+        landmarks = (brain[1], landmarks[1])
+        class_landmarks = brain[2] if class_landmarks is not None else None
     params.detail, band, detail_voxel = resolve_detail(params.detail, params.standardise, model, read)
     params.denoiser = resolve_denoiser(params.denoiser, params.detail, config, model)
     params.field = resolve_field(params.field, params.detail, config, model)
@@ -254,6 +285,7 @@ def init_harmonize_wf(
         detail_voxel=detail_voxel,
         detail_model=model if params["denoiser"] == "learned" else None,
         field_model=model if params["field"] == "n4-typical" else None,
+        brain_model=model if params["landmark_region"] == "brain" else None,
     )
     harmonize = pe.Node(
         Harmonize(model=str(model), params=params, device=device, num_threads=omp_nthreads),

@@ -1,0 +1,111 @@
+"""A brain mask learned from the target's own parcellations, for measuring the standardisation's landmarks.
+
+The blind standardisation measures its landmarks in a geometric stand-in for the brain (the head
+deeper than 15 mm: skull, sinuses and eyes included). Measured in the brain itself (the target's
+parcellation on both sides), the same five landmarks gain +1.5 dB of volume PSNR over the twelve
+simulated scanners on held-out heads; a mask brought over by affine registration loses 0.4 dB and is
+not repeatable (``benchmarks/brain_landmark_probe.py``). This mask comes from a network instead:
+the small 3D U-Net of ``bidsharmony.image.unet``, trained on the target's TRAIN heads and their
+brain masks (``bidsharmony.train.brainmask``).
+
+The network sees the volume's *ranks*: each head voxel is replaced by the share of head voxels
+darker than it, ``r(v) = #{u ≤ v in the head} / #head`` (0 outside the head). Ranks are unchanged by
+any increasing map of intensities, so a monotone scanner difference (γ, exp, log, a different
+sequence's grey levels in the same order) is invisible to it, and the training need not simulate
+them; only the head's outline (``slices.solid_head_mask``, a threshold at a tenth of the head's
+range) can move under a strong map, where dim tissue crosses that threshold. It runs on a ``MM`` grid (the target's own), in RAS orientation; its output
+is a probability, averaged with that of the left-right mirror, thresholded at ½; the largest
+connected piece is kept and its holes filled.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+PREFIX = "brainmask."  # its tensors in a model folder's weights file
+LANDMARKS = "brain_landmarks"  # a model folder's extra tensors: the standard landmarks measured in the mask,
+CLASS_LANDMARKS = "brain_class_landmarks"  # and the class pass's
+MM = 2.0  # the isotropic grid (mm) the network is trained and run on
+
+
+def rank_input(volume: np.ndarray) -> np.ndarray:
+    """The network's input: the ranks of the head's voxels in (0, 1) (mid-ranks for ties), 0 elsewhere."""
+    from scipy.stats import rankdata
+
+    from bidsharmony.image.slices import solid_head_mask
+
+    v = np.asarray(volume, np.float32)
+    head = solid_head_mask(v)
+    out = np.zeros(v.shape, np.float32)
+    if head.any():
+        out[head] = ((rankdata(v[head]) - 0.5) / head.sum()).astype(np.float32)
+    return out
+
+
+def probability(net, ras: np.ndarray) -> np.ndarray:
+    """P(brain) of each voxel of a RAS-ordered volume on the ``MM`` grid: the mean of the network's
+    on the volume and on its left-right mirror."""
+    from bidsharmony.image.unet import run
+
+    x = rank_input(ras)
+    logits = 0.5 * (run(net, x) + run(net, x[::-1])[::-1])
+    return (1.0 / (1.0 + np.exp(-logits))).astype(np.float32)
+
+
+def clean(prob: np.ndarray) -> np.ndarray:
+    """prob > ½, its largest connected piece, holes filled."""
+    from scipy import ndimage
+
+    m = prob > 0.5
+    labels, n = ndimage.label(m)
+    if n > 1:
+        sizes = np.bincount(labels.ravel())
+        sizes[0] = 0
+        m = labels == int(np.argmax(sizes))
+    return ndimage.binary_fill_holes(m)
+
+
+def brain_on_grid(net, volume: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(the volume on the ``MM`` RAS grid, its brain mask there): where the landmarks are measured."""
+    from bidsharmony.image.resample import canonical, resample_isotropic
+
+    ras, ras_affine = canonical(np.asarray(volume, np.float32), affine)
+    zooms = np.sqrt((ras_affine[:3, :3] ** 2).sum(0))
+    coarse = ras if np.allclose(zooms, MM, atol=1e-3) else resample_isotropic(ras, ras_affine, MM)[0]
+    return coarse, clean(probability(net, coarse))
+
+
+def region_on_grid(net, grid: np.ndarray, zooms) -> np.ndarray:
+    """The brain mask on a canonical (RAS) grid of voxel size ``zooms`` (the pipeline's 1.2 mm grid): found on
+    the ``MM`` grid, brought back by linear interpolation of the mask and a threshold at ½. It takes the
+    place of ``standardise.landmark_region`` where the model holds a brain mask."""
+    from scipy import ndimage
+
+    from bidsharmony.image.resample import resample_isotropic
+
+    affine = np.diag([*(float(z) for z in zooms), 1.0])
+    coarse, _ = resample_isotropic(np.asarray(grid, np.float32), affine, MM)
+    brain = clean(probability(net, coarse)).astype(np.float32)
+    # Both grids share their first voxel's centre, so grid voxel i sits at coarse index i·zoom/MM; beyond the
+    # coarse grid's last centre (up to one coarse voxel at the far edges) the nearest coarse voxel holds.
+    scale = [float(z) / MM for z in zooms]
+    return ndimage.affine_transform(brain, np.diag(scale), output_shape=grid.shape, order=1, mode="nearest") > 0.5
+
+
+def state_shapes(channels: int):
+    from bidsharmony.image.unet import state_shapes as shapes
+
+    return shapes(channels)
+
+
+def from_tensors(tensors: dict, channels: int, folder=None):
+    """The network held under ``PREFIX`` in a model folder's tensors (eval mode, float32, CPU)."""
+    from bidsharmony.image.unet import build
+    from bidsharmony.modelfolder import check_shapes
+
+    check_shapes(tensors, PREFIX, state_shapes(channels), folder or ".")
+    net = build(channels)
+    net.load_state_dict({k[len(PREFIX):]: v.float() for k, v in tensors.items() if k.startswith(PREFIX)}, strict=True)
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return net.eval()

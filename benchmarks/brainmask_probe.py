@@ -9,9 +9,10 @@ learned brain mask (``bidsharmony.image.brainmask``, from a model folder that ho
 * ``blind region (shipped)`` — the shipped standardisation;
 * ``true brain, P5`` — the parcellation's brain on both sides (the ceiling);
 * ``learned brain, P5`` — the learned mask on both sides: the target's standard landmarks measured
-  in it on TRAIN heads, the source's in it on the simulated scan (on the 2 mm grid, as the true brain);
-* ``learned brain on the grid, P5`` — the same, measured where the pipeline measures: the mask found
-  from the 1.2 mm grid's volume and brought back onto it (``brainmask.region_on_grid``).
+  in it on TRAIN heads, the source's in it on the simulated scan, both on the 2 mm grid of the voxels
+  as acquired (``brainmask.brain_on_grid``): what ``--landmark-region brain`` does;
+* ``learned brain on the grid, P5`` — the same, measured on the pipeline's 1.2 mm grid: the mask found
+  on that grid's volume resampled to 2 mm and brought back onto it (``region_on_grid`` below).
 
 Also: the learned mask's Dice against the parcellation's on every held-out scan, whether running it
 twice gives the same mask (bit for bit), its time per volume, and on the two unseen real scans the
@@ -33,7 +34,7 @@ from brain_landmark_probe import DATA, UNSEEN, landmarks, standard
 
 from benchmarks.quality import run, scores
 from bidsharmony.flow.checkpoint import model_landmarks, read_folder
-from bidsharmony.image.brainmask import brain_on_grid, from_tensors, region_on_grid
+from bidsharmony.image.brainmask import MM, brain_on_grid, from_tensors, mask
 from bidsharmony.image.resample import canonical, resample_isotropic
 from bidsharmony.image.standardise import VOXEL_MM, grid_landmarks, on_standard_scale, standardise, volume_landmarks
 from bidsharmony.simulation import SCANNERS, simulate
@@ -45,8 +46,19 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return float(2 * (a & b).sum() / max(a.sum() + b.sum(), 1))
 
 
+def region_on_grid(net, grid: np.ndarray, zooms) -> np.ndarray:
+    """The learned mask of a canonical grid's volume: found on its resampling to 2 mm, brought back (both grids
+    share their first voxel's centre, so grid voxel i sits at 2 mm index i·zoom/2; beyond, the nearest)."""
+    from scipy import ndimage
+
+    coarse, _ = resample_isotropic(np.asarray(grid, np.float32), np.diag([*(float(z) for z in zooms), 1.0]), MM)
+    brain = mask(net, coarse).astype(np.float32)
+    scale = np.diag([float(z) / MM for z in zooms])
+    return ndimage.affine_transform(brain, scale, output_shape=grid.shape, order=1, mode="nearest") > 0.5
+
+
 def on_grid(net, volume: np.ndarray, affine: np.ndarray) -> np.ndarray:
-    """Landmarks in the learned mask on the pipeline's grid (``brainmask.region_on_grid``)."""
+    """Landmarks in the learned mask on the pipeline's grid (``region_on_grid``)."""
     grid, _ = resample_isotropic(*canonical(volume, affine), float(VOXEL_MM[0]))
     region = region_on_grid(net, grid, VOXEL_MM)
     return volume_landmarks(grid, P5, region=lambda *_: region)
@@ -73,7 +85,7 @@ def main() -> None:
     for sub in fit:
         t1, mask, _ = run.load_subject(DATA, sub, tissue=False)
         affine = nb.as_closest_canonical(nb.load(str(run.t1w_path(DATA, sub)))).affine
-        coarse, learned = brain_on_grid(net, t1, affine)
+        coarse, _, learned = brain_on_grid(net, t1, affine)
         true_pairs.append((t1, mask))
         learned_pairs.append((coarse, learned))
         fit_dice.append(dice(learned, mask))
@@ -93,10 +105,10 @@ def main() -> None:
         for name in ["truth", *SCANNERS]:
             src = truth if name == "truth" else simulate(name, truth, tissue, zooms, run.case_seed(0, sub, name))
             t = time.perf_counter()
-            coarse, learned = brain_on_grid(net, src, affine)
+            coarse, _, learned = brain_on_grid(net, src, affine)
             seconds.append(time.perf_counter() - t)
             if name == "gamma1p2":
-                repeat_same.append(bool(np.array_equal(learned, brain_on_grid(net, src, affine)[1])))
+                repeat_same.append(bool(np.array_equal(learned, brain_on_grid(net, src, affine)[2])))
             mask_dice.setdefault(name, []).append(dice(learned, mask))
             outs = {"untreated": src, "blind region (shipped)": standardise(src, blind, source_landmarks=grid_landmarks(src, affine)[0]),
                     "true brain, P5": standardise(src, targets["true brain, P5"], P5, source_landmarks=landmarks(src, mask, P5)),
@@ -116,7 +128,7 @@ def main() -> None:
         emask = run.propagated_brain_mask(path, run.t1w_path(DATA, splits[0]), run.labels_path(DATA, splits[0]), 0)
         img = nb.load(str(path))
         v, aff = canonical(np.asarray(img.dataobj, np.float32), img.affine)
-        coarse, learned = brain_on_grid(net, v, aff)
+        coarse, _, learned = brain_on_grid(net, v, aff)
         outs = {"untreated": v, "blind region (shipped)": standardise(v, blind, source_landmarks=grid_landmarks(v, aff)[0]),
                 "learned brain, P5": standardise(v, targets["learned brain, P5"], P5, source_landmarks=landmarks(coarse, learned, P5)),
                 "learned brain on the grid, P5": standardise(v, targets["learned brain on the grid, P5"], P5,

@@ -212,25 +212,28 @@ def _with_brain_mask(tiny_model, folder, landmarks):
     return folder
 
 
-def test_landmarks_are_measured_in_the_learned_brain_mask_where_the_model_holds_one(tiny_model, example_bids, tmp_path):
-    """auto: the brain where the model holds a mask, with the landmarks measured in it as the target's; the blind
-    region where it holds none; ``brain`` refused without a mask or without the standardisation."""
+def test_landmarks_are_measured_in_the_learned_brain_mask_when_asked(tiny_model, example_bids, tmp_path):
+    """``--landmark-region brain``: the landmarks measured in the learned mask on the native voxels brought to its 2 mm
+    grid, mapped onto the model's landmarks measured in it; the blind region by default; ``brain`` refused without a
+    mask or without the standardisation."""
+    from bidsharmony.flow.checkpoint import model_brainmask
+    from bidsharmony.image.brainmask import brain_on_grid
+
     standard = np.array([0.0, 20.0, 45.0, 60.0, 75.0, 100.0])
     model = _with_brain_mask(tiny_model, tmp_path / "brain", standard)
     t1w = _t1w(example_bids, "2")
-    _, info = _harmonize(model, t1w, tmp_path / "auto", output_space="harmonization", detail="none")
+    _, info = _harmonize(model, t1w, tmp_path / "brain-run", output_space="harmonization", detail="none", landmark_region="brain")
     std = info["Standardisation"]
     assert info["Parameters"]["landmark_region"] == "brain" and std["Region"] == "learned brain mask"
     np.testing.assert_allclose(std["StandardLandmarks"], standard)
     img, data = load_t1w(t1w)
-    grid = resample_isotropic(*canonical(data, img.affine), 1.2)[0]
-    everywhere = volume_landmarks(grid, std["Percentiles"], region=lambda v, z: np.ones(v.shape, bool))
-    np.testing.assert_allclose(std["SourceLandmarks"], everywhere, rtol=1e-4)  # this mask finds brain in every voxel
-    _, head = _harmonize(model, t1w, tmp_path / "head", detail="none", landmark_region="head")
+    coarse, _, brain = brain_on_grid(model_brainmask(model)[0], data, img.affine)
+    assert brain.all()  # this mask finds brain in every voxel, so the landmarks are the 2 mm volume's
+    np.testing.assert_allclose(std["SourceLandmarks"], volume_landmarks(coarse, std["Percentiles"], region=lambda v, z: brain),
+                               rtol=1e-5)
+    _, head = _harmonize(model, t1w, tmp_path / "head", detail="none")
     assert head["Parameters"]["landmark_region"] == "head" and "Region" not in head["Standardisation"]
     np.testing.assert_allclose(head["Standardisation"]["StandardLandmarks"], model_landmarks(tiny_model)[0])
-    _, plain = _harmonize(tiny_model, t1w, tmp_path / "plain", detail="none")
-    assert plain["Parameters"]["landmark_region"] == "head"
     with pytest.raises(ModelError, match="no learned brain mask"):
         init_harmonize_wf(model=tiny_model, params={"landmark_region": "brain"}, device="cpu")
     with pytest.raises(ModelError, match="--landmark-region brain needs the standardisation"):

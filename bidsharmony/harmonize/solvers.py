@@ -28,7 +28,7 @@ DETAILS = ("auto", "match", "none")
 DENOISERS = ("auto", "learned", "non-local-means", "none")  # auto: learned where the model holds one; none: no detail stage
 FIELDS = ("auto", "n4-typical", "none")  # auto: where the model holds the target's typical field
 CLASS_PASSES = ("none", "tissue")  # tissue: needs the model's class landmarks
-LANDMARK_REGIONS = ("auto", "brain", "head")  # auto: brain where the model holds a learned brain mask
+LANDMARK_REGIONS = ("head", "brain")  # brain: needs the model's learned brain mask
 
 
 @dataclass
@@ -58,8 +58,9 @@ class HarmonizeParams:
     # Off by default: on held-out heads it keeps a head's grey-matter fraction and its correlation with age
     # far better, but costs 1.5-2.8 dB of volume PSNR on the target's own scanner and on gamma > 1.
     classes: str = "none"
-    # Where the landmarks are measured: the brain a learned mask finds, or the blind region (docs/method.md §6).
-    landmark_region: str = "auto"
+    # Where the landmarks are measured: the blind region, or the brain a learned mask finds (docs/method.md §6).
+    # Opt-in until the quality benchmark has scored it on TEST.
+    landmark_region: str = "head"
     # After it, denoise or sharpen the volume until its detail level is the target's (docs/method.md §8).
     detail: str = "auto"
     # Which denoiser the detail stage uses above the band (docs/method.md §8).

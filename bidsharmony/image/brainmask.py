@@ -65,31 +65,33 @@ def clean(prob: np.ndarray) -> np.ndarray:
     return ndimage.binary_fill_holes(m)
 
 
-def brain_on_grid(net, volume: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(the volume on the ``MM`` RAS grid, its brain mask there): where the landmarks are measured."""
+def on_mm_grid(volume: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(the volume in RAS on the isotropic ``MM`` grid, its affine): linear resampling of the voxels as
+    acquired (none where they are already there), where the mask is found and the landmarks measured."""
     from bidsharmony.image.resample import canonical, resample_isotropic
 
     ras, ras_affine = canonical(np.asarray(volume, np.float32), affine)
-    zooms = np.sqrt((ras_affine[:3, :3] ** 2).sum(0))
-    coarse = ras if np.allclose(zooms, MM, atol=1e-3) else resample_isotropic(ras, ras_affine, MM)[0]
-    return coarse, clean(probability(net, coarse))
+    if np.allclose(np.sqrt((ras_affine[:3, :3] ** 2).sum(0)), MM, atol=1e-3):
+        return ras, ras_affine
+    return resample_isotropic(ras, ras_affine, MM)
 
 
-def region_on_grid(net, grid: np.ndarray, zooms) -> np.ndarray:
-    """The brain mask on a canonical (RAS) grid of voxel size ``zooms`` (the pipeline's 1.2 mm grid): found on
-    the ``MM`` grid, brought back by linear interpolation of the mask and a threshold at ½. It takes the
-    place of ``standardise.landmark_region`` where the model holds a brain mask."""
-    from scipy import ndimage
+def mask(net, coarse: np.ndarray) -> np.ndarray:
+    """The brain mask of a volume already on the ``MM`` RAS grid (``on_mm_grid``)."""
+    return clean(probability(net, coarse))
 
-    from bidsharmony.image.resample import resample_isotropic
 
-    affine = np.diag([*(float(z) for z in zooms), 1.0])
-    coarse, _ = resample_isotropic(np.asarray(grid, np.float32), affine, MM)
-    brain = clean(probability(net, coarse)).astype(np.float32)
-    # Both grids share their first voxel's centre, so grid voxel i sits at coarse index i·zoom/MM; beyond the
-    # coarse grid's last centre (up to one coarse voxel at the far edges) the nearest coarse voxel holds.
-    scale = [float(z) / MM for z in zooms]
-    return ndimage.affine_transform(brain, np.diag(scale), output_shape=grid.shape, order=1, mode="nearest") > 0.5
+def brain_on_grid(net, volume: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(the volume on the ``MM`` RAS grid, that grid's affine, its brain mask there)."""
+    coarse, coarse_affine = on_mm_grid(volume, affine)
+    return coarse, coarse_affine, mask(net, coarse)
+
+
+def onto(brain: np.ndarray, brain_affine: np.ndarray, shape, affine: np.ndarray) -> np.ndarray:
+    """A mask brought onto another grid (linear interpolation, threshold ½; outside its own grid: not brain)."""
+    from bidsharmony.image.resample import resample_onto
+
+    return resample_onto(np.asarray(brain, np.float32), brain_affine, shape, affine) > 0.5
 
 
 def state_shapes(channels: int):

@@ -64,9 +64,10 @@ def prepare(grid: np.ndarray, grid_affine: np.ndarray, standard, percentiles, *,
     source_landmarks
         The grid's landmarks when already measured (default: measured here).
     brain
-        The model's learned brain mask (``image.brainmask``): with it, the landmarks, the class pass and
-        the field stage measure in the brain it finds instead of the blind region, and ``standard`` and
-        ``class_standard`` must be the model's landmarks measured in it (``extra.brain_landmarks``).
+        The model's learned brain mask (``image.brainmask``; needs ``native``): with it, the landmarks are
+        measured in the brain it finds on the native voxels brought to its 2 mm grid, and the class pass and
+        the field stage measure in that brain brought onto the grid, instead of the blind region; ``standard``
+        and ``class_standard`` must be the model's landmarks measured in it (``extra.brain_landmarks``).
     name
         The source, as warnings name it.
 
@@ -82,20 +83,27 @@ def prepare(grid: np.ndarray, grid_affine: np.ndarray, standard, percentiles, *,
         zooms = tuple(float(z) for z in np.linalg.norm(np.asarray(grid_affine)[:3, :3], axis=0))
     # The landmark region, found once: the landmarks, the class pass and the field stage all measure in it.
     needed = source_landmarks is None or class_standard is not None or typical is not None
-    region = None
+    region, measured = None, grid
     if brain is not None and needed:
-        from bidsharmony.image.brainmask import region_on_grid
+        # The mask is found on, and the landmarks measured in, the voxels as acquired brought to its 2 mm grid:
+        # found on the 1.2 mm grid's re-interpolated copy, it lost 0.7 dB (docs/benchmarks/brainmask_probe-cpu.md).
+        from bidsharmony.image import brainmask
 
-        region = region_on_grid(brain, grid, zooms)
-        if not region.any():
+        if native is None:
+            raise ValueError("the learned brain mask needs the native voxels (native=(voxels, affine))")
+        measured, coarse_affine, found = brainmask.brain_on_grid(brain, *native)
+        if not found.any():
             raise StageError("cannot standardise its intensities (the learned brain mask found no brain in it)")
+        region = found
     elif needed:
         region = std.landmark_region(grid, zooms)
     try:
-        source = (std.volume_landmarks(grid, percentiles, zooms, region=lambda *_: region) if source_landmarks is None
+        source = (std.volume_landmarks(measured, percentiles, zooms, region=lambda *_: region) if source_landmarks is None
                   else np.asarray(source_landmarks, np.float64))
     except ValueError as e:
         raise StageError(f"cannot standardise its intensities ({e})") from None
+    if brain is not None and needed:  # the class pass and the field stage measure on the grid: the mask goes there
+        region = brainmask.onto(found, coarse_affine, grid.shape, grid_affine)
     out = std.standardise(grid, standard, percentiles, source_landmarks=source)
     classes = None
     if class_standard is not None:

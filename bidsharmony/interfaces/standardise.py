@@ -69,7 +69,7 @@ class Standardise(SimpleInterface):
             from bidsharmony.flow.checkpoint import model_brainmask
 
             brain = model_brainmask(self.inputs.brain_model)[0]
-        if band is not None or typical is not None:  # both stages act on the original T1w's voxels
+        if band is not None or typical is not None or brain is not None:  # they act on the original T1w's voxels
             orig, data = self._source()
             native = (data, orig.affine)
         classes = self.inputs.class_standard if isdefined(self.inputs.class_standard) else None

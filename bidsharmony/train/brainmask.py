@@ -120,19 +120,18 @@ def on_grid(t1w, labels) -> tuple[np.ndarray, np.ndarray]:
 
 
 def target_landmarks(net, files, percentiles) -> tuple[np.ndarray, np.ndarray]:
-    """(standard landmarks, class landmarks) of the target's T1w ``files``, measured in the learned mask
-    on the pipeline's 1.2 mm grid (``standardise.fit_target_scale`` with ``brainmask.region_on_grid``)."""
-    from bidsharmony.image.brainmask import region_on_grid
+    """(standard landmarks, class landmarks) of the target's T1w ``files``, measured in the learned mask on
+    the ``MM`` grid, as harmonization measures a source's (``standardise.fit_target_scale``)."""
+    from bidsharmony.image.brainmask import MM, mask, on_mm_grid
     from bidsharmony.image.io import load_t1w
-    from bidsharmony.image.resample import canonical, resample_isotropic
-    from bidsharmony.image.standardise import VOXEL_MM, fit_target_scale
+    from bidsharmony.image.standardise import fit_target_scale
 
-    def grids():
+    def volumes():
         for f in files:
             img, data = load_t1w(f)
-            yield resample_isotropic(*canonical(data, img.affine), float(VOXEL_MM[0]))[0]
+            yield on_mm_grid(data, img.affine)[0]
 
-    return fit_target_scale(grids(), percentiles, VOXEL_MM, region_of=lambda v, z: region_on_grid(net, v, z))
+    return fit_target_scale(volumes(), percentiles, (MM,) * 3, region_of=lambda v, z: mask(net, v))
 
 
 def model_entry(cfg: BrainMaskConfig, volumes: int, steps: int) -> dict:

@@ -186,23 +186,20 @@ def resolve_classes(requested: str, standardise: str, model, read: tuple | None 
 
 
 def resolve_region(requested: str, standardise: str, model, read: tuple | None = None):
-    """(``brain`` or ``head``, the model's brain mask (``model_brainmask``) or None): ``auto`` → ``brain``
-    where the model holds a learned brain mask and the standardisation runs, else ``head`` (the blind
-    landmark region); ``brain`` without a mask or without the standardisation is refused."""
+    """(``brain`` or ``head``, the model's brain mask (``model_brainmask``) or None): ``brain`` needs the
+    standardisation and a model holding a learned brain mask, and is refused otherwise."""
     from bidsharmony.errors import ModelError
     from bidsharmony.flow.checkpoint import model_brainmask
 
-    if requested == "head" or (requested == "auto" and standardise != "landmarks"):
+    if requested == "head":
         return "head", None
     if standardise != "landmarks":
         raise ModelError(f"{model}: --landmark-region brain needs the standardisation; drop --standardise none or pass "
                          "--landmark-region head")
     found = model_brainmask(model, read)
     if found is None:
-        if requested == "brain":
-            raise ModelError(f"{model}: the model has no learned brain mask (benchmarks/fit_brainmask.py adds one); pass "
-                             "--landmark-region head")
-        return "head", None
+        raise ModelError(f"{model}: the model has no learned brain mask (benchmarks/fit_brainmask.py adds one); pass "
+                         "--landmark-region head")
     return "brain", found
 
 

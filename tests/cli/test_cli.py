@@ -159,7 +159,7 @@ def test_sidecars_record_provenance(participant_run, tiny_model):
             "start": "source", "solver": "alternating", "latent_lr": 0.05, "batch_size": 8, "seed": 0,
             "standardise": "landmarks",  # auto, resolved: the model train wrote has landmarks
             "classes": "none",  # the class pass is opt-in
-            "landmark_region": "head",  # auto, resolved: the model train wrote has no learned brain mask
+            "landmark_region": "head",  # the learned brain mask is opt-in
             "detail": "match",  # auto, resolved: and a detail band
             "denoiser": "learned",  # auto, resolved: and a learned denoiser
             "field": "n4-typical",  # auto, resolved: and a typical field

@@ -8,7 +8,7 @@ from scipy import ndimage
 
 torch = pytest.importorskip("torch")
 
-from bidsharmony.image.brainmask import clean, probability, rank_input, region_on_grid
+from bidsharmony.image.brainmask import brain_on_grid, clean, onto, probability, rank_input
 from bidsharmony.train.brainmask import BrainMaskConfig, fit, training_inputs
 
 
@@ -54,8 +54,11 @@ def test_training_finds_the_brain_of_an_unseen_head_and_the_grid_gets_the_same_b
     dice = 2 * (found & brain).sum() / (found.sum() + brain.sum())
     assert dice > 0.9, dice
     assert np.array_equal(found, clean(probability(net, v)))  # the same input, the same mask
-    fine = ndimage.zoom(v, 2.0 / 1.2, order=1)  # the pipeline's 1.2 mm grid of the same head
-    region = region_on_grid(net, fine, (1.2, 1.2, 1.2))
-    expected = ndimage.zoom(brain.astype(np.float32), 2.0 / 1.2, order=1) > 0.5
-    assert region.shape == fine.shape
-    assert 2 * (region & expected).sum() / (region.sum() + expected.sum()) > 0.85
+    # The same head acquired at 1.2 mm: the mask is found on its 2 mm resampling and brought back onto its grid.
+    fine_affine = np.diag([1.2, 1.2, 1.2, 1.0])
+    fine = ndimage.affine_transform(v, np.diag([1.2 / 2.0] * 3), output_shape=[int(n * 2.0 / 1.2) for n in v.shape], order=1)
+    coarse, coarse_affine, found = brain_on_grid(net, fine, fine_affine)
+    assert found.shape == coarse.shape and np.allclose(np.abs(np.diag(coarse_affine))[:3], 2.0)
+    back = onto(found, coarse_affine, fine.shape, fine_affine)
+    expected = ndimage.affine_transform(brain.astype(np.float32), np.diag([1.2 / 2.0] * 3), output_shape=fine.shape, order=1) > 0.5
+    assert 2 * (back & expected).sum() / (back.sum() + expected.sum()) > 0.85

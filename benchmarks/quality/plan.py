@@ -6,7 +6,7 @@ LOOP = ["--iterations", "10"]  # the published loop's length (the default runs n
 ABLATIONS = {
     # The default is the standardisation, detail matching and the bias-field stage; each row removes, adds or changes one thing.
     "classes": ("the default + the class pass (`--classes tissue`)", ["--classes", "tissue"]),
-    "head": ("the default with landmarks in the blind head region (`--landmark-region head`)", ["--landmark-region", "head"]),
+    "brain": ("the default with landmarks in the learned brain mask (`--landmark-region brain`)", ["--landmark-region", "brain"]),
     "standardise": ("the standardisation alone (no detail matching, hence no field stage)", ["--detail", "none"]),
     "field": ("standardisation + detail matching, without the bias-field stage (`--field none`)", ["--field", "none"]),
     "nlm": ("the default with non-local means (no learned denoiser)", ["--denoiser", "non-local-means"]),
@@ -19,7 +19,7 @@ ABLATIONS = {
     "meanstart": ("loop, mean start", [*LOOP, "--start", "mean"]),
     "ncc": ("loop, NCC similarity", [*LOOP, "--similarity", "ncc"]),
 }
-UNSEEN_ABLATIONS = ("classes", "head", "standardise", "field", "nlm")  # also run on the unseen real scanners (the others run the loop: minutes per scan)
+UNSEEN_ABLATIONS = ("classes", "brain", "standardise", "field", "nlm")  # also run on the unseen real scanners (the others run the loop: minutes per scan)
 METHOD = "bidsharmony"
 BHDIFF = "bhdiff"
 METRICS = ["psnr_slice", "ssim_slice", "psnr_vol", "ssim_vol", "ncc_vol", "dice", "jump_ratio", "profile_rmse"]

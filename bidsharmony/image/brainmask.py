@@ -94,20 +94,8 @@ def onto(brain: np.ndarray, brain_affine: np.ndarray, shape, affine: np.ndarray)
     return resample_onto(np.asarray(brain, np.float32), brain_affine, shape, affine) > 0.5
 
 
-def state_shapes(channels: int):
-    from bidsharmony.image.unet import state_shapes as shapes
-
-    return shapes(channels)
-
-
 def from_tensors(tensors: dict, channels: int, folder=None):
-    """The network held under ``PREFIX`` in a model folder's tensors (eval mode, float32, CPU)."""
-    from bidsharmony.image.unet import build
-    from bidsharmony.modelfolder import check_shapes
+    """The network held under ``PREFIX`` in a model folder's tensors (``unet.from_tensors``)."""
+    from bidsharmony.image import unet
 
-    check_shapes(tensors, PREFIX, state_shapes(channels), folder or ".")
-    net = build(channels)
-    net.load_state_dict({k[len(PREFIX):]: v.float() for k, v in tensors.items() if k.startswith(PREFIX)}, strict=True)
-    for p in net.parameters():
-        p.requires_grad_(False)
-    return net.eval()
+    return unet.from_tensors(tensors, PREFIX, channels, folder)

@@ -56,20 +56,8 @@ def denoise(net, volume: np.ndarray, affine: np.ndarray | None = None) -> np.nda
     return (v + nb.orientations.apply_orientation(change, back)).astype(np.float32)
 
 
-def state_shapes(channels: int):
-    """(name, shape) of every tensor of ``build(channels)`` (``unet.state_shapes``)."""
-    from bidsharmony.image.unet import state_shapes as shapes
-
-    return shapes(channels)
-
-
 def from_tensors(tensors: dict, channels: int, folder=None):
-    """The network held under ``PREFIX`` in a model folder's tensors (eval mode, float32, CPU)."""
-    from bidsharmony.modelfolder import check_shapes
+    """The network held under ``PREFIX`` in a model folder's tensors (``unet.from_tensors``)."""
+    from bidsharmony.image import unet
 
-    check_shapes(tensors, PREFIX, state_shapes(channels), folder or ".")
-    net = build(channels)
-    net.load_state_dict({k[len(PREFIX):]: v.float() for k, v in tensors.items() if k.startswith(PREFIX)}, strict=True)
-    for p in net.parameters():
-        p.requires_grad_(False)
-    return net.eval()
+    return unet.from_tensors(tensors, PREFIX, channels, folder)

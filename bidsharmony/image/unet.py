@@ -78,3 +78,21 @@ def state_shapes(channels: int):
     yield "u1.bias", (c,)
     yield "out.weight", (1, c, 1, 1, 1)
     yield "out.bias", (1,)
+
+
+def from_tensors(tensors: dict, prefix: str, channels: int, folder=None):
+    """The network held under ``prefix`` in a model folder's tensors (shapes checked first; eval mode, float32,
+    CPU, no gradients)."""
+    from bidsharmony.modelfolder import check_shapes
+
+    check_shapes(tensors, prefix, state_shapes(channels), folder or ".")
+    net = build(channels)
+    net.load_state_dict({k[len(prefix):]: v.float() for k, v in tensors.items() if k.startswith(prefix)}, strict=True)
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return net.eval()
+
+
+def to_tensors(net, prefix: str) -> dict:
+    """The network's tensors under ``prefix``, for a model folder's weights file."""
+    return {prefix + k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}

@@ -146,6 +146,7 @@ def model_entry(cfg: BrainMaskConfig, volumes: int, steps: int) -> dict:
 
 def to_tensors(net) -> dict:
     """The network's tensors under ``PREFIX``, for a model folder's weights file."""
+    from bidsharmony.image import unet
     from bidsharmony.image.brainmask import PREFIX
 
-    return {PREFIX + k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    return unet.to_tensors(net, PREFIX)

@@ -284,6 +284,8 @@ def main(argv=None) -> int:
     from bidsharmony.models import default_model
 
     seen = ["noise"] if has_denoiser(read_config(args.model or default_model())) else []  # what training drew
+    if "--landmark-region brain" in " ".join(args.cli_args.split()):
+        seen.append("spatial")  # the learned brain mask's training drew smooth fields (and noise)
     write_report(args, rows, unseen, examples, model=models.get(METHOD), bhdiff_model=models.get(BHDIFF), target_gm_wm=target_gm_wm, target_gm_wm_range=(float(np.min(train_ratios)), float(np.max(train_ratios))),
                  walls={k: v[1] for k, v in outputs.items()}, seconds_total=time.time() - t_start,
                  train=train, test=test, biology=biology, seen=seen)

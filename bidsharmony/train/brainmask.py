@@ -104,19 +104,13 @@ def fit(items, cfg: BrainMaskConfig, state_dir=None, *, data: dict | None = None
 
 
 def on_grid(t1w, labels) -> tuple[np.ndarray, np.ndarray]:
-    """(volume, brain mask) of a T1w file and its parcellation (labels > 0) on the ``MM`` RAS grid."""
-    from bidsharmony.image.brainmask import MM
+    """(volume, brain mask) of a T1w file and its parcellation (labels > 0) on the ``MM`` RAS grid, as
+    harmonization brings a source there (``brainmask.on_mm_grid``)."""
+    from bidsharmony.image.brainmask import on_mm_grid
     from bidsharmony.image.io import load_t1w
-    from bidsharmony.image.resample import canonical, resample_isotropic
 
-    out = []
-    for path in (t1w, labels):
-        img, data = load_t1w(path)
-        v, aff = canonical(np.asarray(data, np.float32), img.affine)
-        if not np.allclose(np.sqrt((aff[:3, :3] ** 2).sum(0)), MM, atol=1e-3):
-            v = resample_isotropic(v, aff, MM)[0]
-        out.append(v)
-    return out[0], out[1] > 0.5
+    volume, labels = (on_mm_grid(data, img.affine)[0] for img, data in (load_t1w(t1w), load_t1w(labels)))
+    return volume, labels > 0.5
 
 
 def target_landmarks(net, files, percentiles) -> tuple[np.ndarray, np.ndarray]:
